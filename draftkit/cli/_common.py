@@ -1,0 +1,102 @@
+"""Shared option aliases, config building and one-line error handling for every command."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.markup import escape
+
+from draftkit import console
+from draftkit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DraftkitError, InvalidInputError
+from draftkit.io import to_json
+
+# ---- option aliases (one place, so every command spells them the same) ----------------------
+ModelArg = Annotated[str, typer.Argument(help="local model directory, alias (see `draftkit models`) or hub id", show_default=False)]
+OutOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="output directory (default: beside the input, named after the stage)")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace the output directory if it exists")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout (logs go to stderr)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (the checkpoint's own), float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow code from the model repository to run")]
+CalibOpt = Annotated[
+    str | None,
+    typer.Option("--calib", help="calibration data: local .txt/.jsonl/.json/.parquet/.csv or hub dataset id owner/name[:config]"),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="dataset split for hub datasets")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or logs")]
+
+
+def build(model_cls: type[BaseModel], where: str = "", **values: Any) -> BaseModel:
+    """Validate ``values`` into ``model_cls``; an invalid value becomes one line naming the setting."""
+    try:
+        return model_cls(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        raise InvalidInputError(format_validation_error(exc, where)) from None
+
+
+def format_validation_error(exc: ValidationError, where: str = "") -> str:
+    """``stages[1].sparsify.sparsity: Input should be less than 1 (got 1.5)``: the first error, one line."""
+    parts = []
+    for e in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"] if x != "__root__")
+        loc = f"{where}.{loc}" if where and loc else (where or loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or got is None or e["type"] == "extra_forbidden" else f" (got {got!r})"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def default_output(model: str, suffix: str) -> Path:
+    base = Path(model.rstrip("/")).name or "model"
+    return Path(f"{base}-{suffix}")
+
+
+def emit(report: dict[str, Any], as_json: bool, render=None) -> None:
+    """Print the report: JSON on stdout with ``--json``, else the command's rich rendering."""
+    if as_json:
+        console.out.print_json(to_json(report)) if sys.stdout.isatty() else print(to_json(report))
+    elif render is not None:
+        render(report)
+
+
+def handle_errors(fn):
+    """Turn known errors into one line on stderr and a meaningful exit code (traceback with DRAFTKIT_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("DRAFTKIT_DEBUG") not in (None, "", "0")
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except DraftkitError as exc:
+            if debug:
+                traceback.print_exc()
+            console.err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.err.print("interrupted: completed outputs are kept; re-run to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # noqa: BLE001
+            if debug:
+                traceback.print_exc()
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            console.err.print(
+                f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} (set DRAFTKIT_DEBUG=1 for the traceback)"
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper

@@ -1,0 +1,51 @@
+"""``draftkit inspect`` and ``draftkit models``."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from draftkit import console
+from draftkit.cli._common import JsonOpt, ModelArg, TrustOpt, emit, handle_errors
+from draftkit.modeling import ALIASES
+
+
+@handle_errors
+def inspect(model: ModelArg, trust_remote_code: TrustOpt = False, json: JsonOpt = False) -> None:
+    """Show a model's architecture, layers, parameters, dtype, per-layer sparsity and draftkit provenance.
+
+    Example: draftkit inspect runs/demo/02-sparsify
+    """
+    from draftkit.inspect import inspect_model
+
+    emit(inspect_model(model, trust_remote_code=trust_remote_code), json, _render)
+
+
+def _render(r: dict) -> None:
+    t = Table(show_header=False, title=r["model"])
+    for key in ("architecture", "model_type", "layers", "hidden_size", "dtype"):
+        t.add_row(key, str(r[key]))
+    t.add_row("parameters", f"{r['parameters']:,}")
+    t.add_row("linear sparsity", f"{r['linear_sparsity']:.1%}")
+    t.add_row("per-layer sparsity", " ".join(f"{s:.0%}" for s in r["layer_sparsity"]))
+    prov = r.get("provenance")
+    if prov:
+        chain = []
+        while prov:
+            chain.append(prov.get("stage", "?"))
+            prov = prov.get("parent")
+        t.add_row("draftkit stages", " <- ".join(chain))
+    console.out.print(t)
+
+
+@handle_errors
+def models(json: JsonOpt = False) -> None:
+    """List the short model names draftkit accepts and the hub ids they stand for."""
+    data = dict(ALIASES)
+
+    def render(d):
+        t = Table("alias", "hub id")
+        for k, v in d.items():
+            t.add_row(k, v)
+        console.out.print(t)
+
+    emit(data, json, render)

@@ -1,0 +1,96 @@
+"""``draftkit prune``: drop whole decoder blocks chosen on calibration data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from draftkit import console
+from draftkit.cli._common import (
+    CalibOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SplitOpt,
+    TrustOpt,
+    build,
+    default_output,
+    emit,
+    handle_errors,
+)
+from draftkit.data import CalibConfig
+from draftkit.prune import PruneConfig
+from draftkit.stages import LoadConfig, run_stage
+
+
+@handle_errors
+def prune(
+    model: ModelArg,
+    layers: Annotated[int | None, typer.Option("--layers", "-n", help="number of decoder blocks to drop")] = None,
+    drop: Annotated[str | None, typer.Option("--drop", help="drop these layers instead of scoring, e.g. 20-25 or 3,5,7-9")] = None,
+    method: Annotated[str, typer.Option("--method", help="angular | block-influence | last")] = "angular",
+    calib: CalibOpt = None,
+    split: SplitOpt = "train",
+    samples: Annotated[int, typer.Option("--samples", help="calibration sequences")] = 64,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="tokens per calibration sequence")] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per forward pass")] = 4,
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="write a PNG of distance per start layer (needs matplotlib)")] = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Drop N decoder blocks, scored by angular distance between hidden states.
+
+    Examples:
+
+      draftkit prune --layers 6 llama-3.1-8b -o llama-3.1-8b-prune6
+
+      draftkit prune examples/tiny/teacher --layers 2 --calib examples/tiny/data/train.jsonl --samples 64
+
+      draftkit prune MODEL --drop 20-25            (explicit, inclusive indices; no calibration)
+    """
+    console.set_quiet(quiet)
+    calib_cfg = build(CalibConfig, "calib", path=calib, split=split, samples=samples, seqlen=seqlen)
+    cfg = build(PruneConfig, layers=layers, drop=drop, method=method, calib=calib_cfg, batch_size=batch_size)
+    load = build(LoadConfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    n = f"{cfg.layers}" if cfg.layers else "x"
+    out = output or default_output(model, f"prune{n}")
+    report = run_stage("prune", model, cfg, out=out, load=load, overwrite=overwrite)
+    if plot is not None and report.get("block_distances"):
+        from draftkit.plots import plot_block_distances
+
+        plot_block_distances(report, plot)
+        report["plot"] = str(plot)
+    emit(report, json, _render)
+
+
+def _render(report: dict) -> None:
+    dist = report.get("block_distances")
+    dropped = set(report["dropped_layers"])
+    if dist:
+        t = Table(title=f"angular distance of each {dist[0]['end'] - dist[0]['start'] + 1}-layer block")
+        t.add_column("block")
+        t.add_column("distance", justify="right")
+        t.add_column("BI (first layer)", justify="right")
+        bi = report.get("block_influence", [])
+        for d in dist:
+            chosen = report["method"] == "angular" and d["start"] in dropped and d["start"] == min(dropped)
+            style = "bold green" if chosen else None
+            t.add_row(f"{d['start']}-{d['end']}", f"{d['distance']:.4f}", f"{bi[d['start']]:.4f}" if bi else "", style=style)
+        console.out.print(t)
+    console.out.print(
+        f"dropped layers {sorted(dropped)} ({report['method']}): {report['layers_before']} -> {report['layers_after']} layers, "
+        f"{report['params_before'] / 1e6:.2f}M -> {report['params_after'] / 1e6:.2f}M parameters"
+    )
+    console.out.print(f"saved to {report['output']} in {report['total_seconds']:.1f}s")

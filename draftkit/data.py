@@ -1,0 +1,228 @@
+"""Datasets for calibration and fine-tuning: local files or hub ids, column mapping, chat templates.
+
+A data source is a local ``.txt``/``.jsonl``/``.json``/``.parquet``/``.csv`` file or a hub dataset
+id written ``owner/name`` or ``owner/name:config`` (the split is a separate setting).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from draftkit.errors import DataError
+
+LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet", ".csv"}
+
+# (prompt columns, response column) pairs recognised without --columns, tried in order.
+KNOWN_SHAPES: list[tuple[tuple[str, ...], str]] = [
+    (("instruction", "input"), "output"),  # Alpaca
+    (("instruction", "context"), "response"),  # Dolly
+    (("question",), "answer"),  # GSM8K
+    (("prompt",), "completion"),
+    (("prompt",), "response"),
+    (("query",), "response"),
+    (("problem",), "solution"),  # MATH
+]
+
+
+class CalibConfig(BaseModel):
+    """Calibration data: where it comes from and how much of it to use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        None,
+        description="local .txt/.jsonl/.json/.parquet/.csv file or hub dataset id (owner/name[:config]); "
+        "default: wikitext-2 from the hub",
+    )
+    split: str = Field("train", description="dataset split for hub datasets")
+    samples: int = Field(128, ge=1, description="number of calibration sequences")
+    seqlen: int = Field(2048, ge=8, description="tokens per sequence (capped by the model's context)")
+    seed: int = Field(0, description="seed for choosing and shuffling samples")
+
+
+DEFAULT_CALIB = "Salesforce/wikitext:wikitext-2-raw-v1"
+
+
+def read_rows(source: str, *, split: str = "train") -> list[dict[str, Any]]:
+    """Read rows of a local file or a hub dataset into a list of dicts."""
+    path = Path(source).expanduser()
+    if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES:
+        return _read_local(path)
+    return _read_hub(source, split)
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory: pass a .txt, .jsonl, .json, .parquet or .csv file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            text = path.read_text(encoding="utf-8")
+            docs = [d.strip() for d in text.split("\n\n")]
+            rows = [{"text": d} for d in docs if d]
+        elif suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        elif suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                data = next((v for v in data.values() if isinstance(v, list)), None)
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows (or an object holding one)")
+            rows = data
+        elif suffix in (".parquet", ".csv"):
+            import datasets
+
+            ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+            rows = list(ds)
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl, .json, .parquet or .csv")
+    except DataError:
+        raise
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"could not read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if not rows:
+        raise DataError(f"{path} is empty: it has no rows")
+    if not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: every row must be a JSON object")
+    return rows
+
+
+def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    name, _, config = source.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"could not load dataset {source!r} (split {split!r}) from the hub: {first[:200]}; "
+            "pass a local .jsonl/.txt file instead when offline"
+        ) from exc
+    rows = list(ds)
+    if not rows:
+        raise DataError(f"dataset {source!r} split {split!r} is empty")
+    return rows
+
+
+def detect_columns(rows: list[dict[str, Any]], columns: dict[str, str] | None = None) -> dict[str, Any]:
+    """Decide how to read prompt/response pairs from rows.
+
+    Returns a mapping with either ``{"messages": col}``, ``{"text": col}`` or
+    ``{"prompt": [cols], "response": col}``. ``columns`` overrides with keys ``prompt`` (comma-separated
+    for several), ``response``, ``messages`` or ``text``.
+    """
+    present = set().union(*(r.keys() for r in rows[:100]))
+    if columns:
+        missing = [c for v in columns.values() for c in v.split(",") if c not in present]
+        if missing:
+            raise DataError(f"columns {missing} not in the data; columns found: {sorted(present)}")
+        if "messages" in columns:
+            return {"messages": columns["messages"]}
+        if "prompt" in columns and "response" in columns:
+            return {"prompt": columns["prompt"].split(","), "response": columns["response"]}
+        if "text" in columns:
+            return {"text": columns["text"]}
+        raise DataError("--columns needs prompt=COL[,COL],response=COL, or messages=COL, or text=COL")
+    if "messages" in present:
+        return {"messages": "messages"}
+    if "conversations" in present:
+        return {"messages": "conversations"}
+    for prompts, response in KNOWN_SHAPES:
+        if prompts[0] in present and response in present:
+            return {"prompt": [c for c in prompts if c in present], "response": response}
+    if "text" in present:
+        return {"text": "text"}
+    raise DataError(
+        f"cannot tell which columns hold the text; columns found: {sorted(present)}; "
+        "pass --columns prompt=COL[,COL],response=COL (or messages=COL, or text=COL)"
+    )
+
+
+def row_messages(row: dict[str, Any], mapping: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The row as chat messages (user prompt, assistant response), or None for plain-text rows."""
+    if "messages" in mapping:
+        msgs = row[mapping["messages"]]
+        out = []
+        for m in msgs:
+            role = m.get("role") or {"human": "user", "gpt": "assistant"}.get(m.get("from", ""), m.get("from"))
+            out.append({"role": role, "content": m.get("content", m.get("value", ""))})
+        return out
+    if "prompt" in mapping:
+        prompt = "\n\n".join(str(row[c]) for c in mapping["prompt"] if row.get(c))
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row[mapping["response"]])}]
+    return None
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+    """Render messages with the tokenizer's chat template, or a plain fallback when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    parts = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    if add_generation_prompt:
+        parts.append("Assistant:")
+    return "\n\n".join(parts)
+
+
+def row_text(row: dict[str, Any], mapping: dict[str, Any], tokenizer) -> str:
+    msgs = row_messages(row, mapping)
+    if msgs is None:
+        return str(row[mapping["text"]])
+    return render_chat(tokenizer, msgs)
+
+
+def model_max_length(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def calibration_samples(tokenizer, cfg: CalibConfig, *, max_len: int | None = None) -> list[torch.Tensor]:
+    """Tokenized calibration sequences (1-D LongTensors), each at most ``seqlen`` tokens.
+
+    Rows are rendered (chat template for prompt/response or ``messages`` rows), tokenized and packed
+    into a stream separated by EOS, which is cut into ``samples`` windows of ``seqlen`` tokens; when the
+    data holds fewer tokens than that, the windows are as many as it fills (the last may be shorter).
+
+    Raises:
+        DataError: the source is missing, empty or yields no tokens.
+    """
+    source = cfg.path or DEFAULT_CALIB
+    rows = read_rows(source, split=cfg.split)
+    mapping = detect_columns(rows)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    seqlen = min(cfg.seqlen, max_len) if max_len else cfg.seqlen
+    need = cfg.samples * seqlen
+    stream: list[int] = []
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for i in order:
+        text = row_text(rows[i], mapping, tokenizer).strip()
+        if not text:
+            continue
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        stream.extend(ids + sep)
+        if len(stream) >= need:
+            break
+    if len(stream) < 2:
+        raise DataError(f"calibration data {source} yields no tokens")
+    samples = [torch.tensor(stream[s : s + seqlen], dtype=torch.long) for s in range(0, len(stream), seqlen)]
+    samples = [s for s in samples if len(s) >= 2][: cfg.samples]
+    return samples

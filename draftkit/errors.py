@@ -1,0 +1,50 @@
+"""Errors that draftkit reports to the user as one line (no traceback unless DRAFTKIT_DEBUG=1).
+
+Exit codes mean something, so CI can tell failures apart:
+
+* 0: success
+* 1: unexpected internal error (a bug: please report it with DRAFTKIT_DEBUG=1 output)
+* 2: invalid input (bad arguments, recipe, model path, data)
+* 3: a quality gate failed (e.g. ``--min-recovery``)
+* 130: interrupted (Ctrl-C); whatever was completed is kept
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_INVALID_INPUT = 2
+EXIT_GATE_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+class DraftkitError(Exception):
+    """Base class: an error with a message meant for the user."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+
+class InvalidInputError(DraftkitError):
+    """The user's input (arguments, files, recipe) is wrong; the message says how to fix it."""
+
+
+class ModelLoadError(InvalidInputError):
+    """A model or tokenizer could not be found or loaded."""
+
+
+class UnsupportedModelError(InvalidInputError):
+    """The model's architecture is not one draftkit knows how to edit."""
+
+
+class DataError(InvalidInputError):
+    """A dataset or calibration file is missing, empty, unreadable or lacks the needed columns."""
+
+
+class OutputExistsError(InvalidInputError):
+    """The output path already exists and ``--overwrite`` was not given."""
+
+
+class GateFailedError(DraftkitError):
+    """A quality gate failed; the run itself completed."""
+
+    exit_code = EXIT_GATE_FAILED

@@ -1,0 +1,1 @@
+"""One-shot sparsification: SparseGPT (unstructured and N:M), Wanda and magnitude baselines."""

@@ -1,0 +1,100 @@
+"""The stage registry: each stage is a function ``(model, tokenizer, config) -> (model, report)``.
+
+Commands and the recipe pipeline both go through :func:`run_stage`, so ``draftkit prune`` and a
+recipe's ``prune:`` step are the same code with the same settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from draftkit.io import atomic_write_json, check_output_dir
+from draftkit.modeling import load_model, make_provenance, save_model
+
+
+class LoadConfig(BaseModel):
+    """How models are loaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto keeps the checkpoint's own"
+    )
+    device: str = Field("cpu", description="cpu, cuda or auto")
+    trust_remote_code: bool = Field(False, description="allow code from the model repository to run")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[BaseModel]
+    run: Callable[..., tuple[Any, dict[str, Any]]]
+    # None: the stage writes a model directory with save_model. Otherwise a writer
+    # ``save(model, tokenizer, out, provenance, cfg, overwrite) -> dict`` (e.g. export), or "report"
+    # for stages that only measure (eval, spec) and write report.json.
+    save: Callable[..., dict[str, Any]] | Literal["report"] | None = None
+
+
+def _registry() -> dict[str, Stage]:
+    from draftkit.prune import PruneConfig, prune_model
+
+    stages = {"prune": Stage("prune", PruneConfig, prune_model)}
+    for loader in _EXTRA_STAGES:
+        stages.update(loader())
+    return stages
+
+
+# Later stages register themselves here: functions returning {name: Stage}, imported lazily.
+_EXTRA_STAGES: list[Callable[[], dict[str, Stage]]] = []
+
+
+def register(loader: Callable[[], dict[str, Stage]]) -> Callable[[], dict[str, Stage]]:
+    _EXTRA_STAGES.append(loader)
+    return loader
+
+
+def stages() -> dict[str, Stage]:
+    return _registry()
+
+
+def run_stage(
+    name: str,
+    model_name: str,
+    cfg: BaseModel,
+    *,
+    out: str | Path,
+    load: LoadConfig | None = None,
+    overwrite: bool = False,
+    arguments: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load ``model_name``, run stage ``name`` with ``cfg``, write the result to ``out`` atomically.
+
+    The output is checked before anything is loaded, so a bad ``out`` costs nothing and writes nothing.
+    Returns the stage's report (with ``output`` and ``seconds`` added).
+    """
+    stage = stages()[name]
+    load = load or LoadConfig()
+    out = check_output_dir(out, overwrite=overwrite, inputs=(model_name,))
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(
+        model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
+    )
+    model, report = stage.run(model, tokenizer, cfg)
+    args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
+    provenance = make_provenance(stage=name, source=model_name, arguments=args, facts=report)
+    if stage.save is None:
+        save_model(model, tokenizer, out, provenance=provenance, overwrite=overwrite)
+    elif stage.save == "report":
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "report.json", {"provenance": provenance, "report": report})
+    else:
+        report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
+    report["output"] = str(out)
+    report["total_seconds"] = round(time.perf_counter() - t0, 3)
+    return report

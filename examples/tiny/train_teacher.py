@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Train the tiny demo teacher: a small LlamaForCausalLM on the synthetic
+GSM8K-style arithmetic set made by ``make_data.py``.
+
+Each training row is rendered through the tokenizer's chat template
+(user = question, assistant = answer) and the loss is taken on the assistant
+tokens only (the answer and its closing ``</s>``). Batches are length-bucketed
+to keep padding low on CPU. The learning rate follows linear warmup then cosine
+decay; progress along the schedule is ``max(step / max_steps, elapsed / time_budget)``
+so training always finishes its decay inside the wall-clock budget.
+Pass ``--time-budget 0`` for a purely step-based (bit-for-bit reproducible) run.
+
+Usage::
+
+    python examples/tiny/make_data.py --out examples/tiny/data
+    python examples/tiny/train_teacher.py --out examples/tiny/teacher
+    python examples/tiny/evaluate_teacher.py --model examples/tiny/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from build_tokenizer import build_tokenizer, check_tokenizer  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the tiny demo teacher.")
+    p.add_argument("--data", default=os.path.join(HERE, "data"))
+    p.add_argument("--out", default=os.path.join(HERE, "teacher"))
+    p.add_argument("--seed", type=int, default=0)
+    # model shape
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=384)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=1024,
+                   help="BPE vocab target (the trained vocab may be smaller)")
+    # optimisation
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--max-steps", type=int, default=100000)
+    p.add_argument("--time-budget", type=float, default=540.0,
+                   help="wall-clock seconds for the training loop (0 = no limit)")
+    p.add_argument("--max-train-rows", type=int, default=0, help="0 = all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def load_rows(path, limit=0):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def encode_row(tok, question, answer):
+    """ids = chat prompt (tokenized alone, as at inference) + answer + eos.
+
+    Labels are -100 on the prompt so only assistant tokens carry loss.
+    """
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True, tokenize=False)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p_ids + a_ids, [-100] * len(p_ids) + a_ids
+
+
+def make_batches(examples, batch_size, rng):
+    """Length-bucketed batches: shuffle, sort inside windows of 50 batches,
+    cut into batches, shuffle the batch order."""
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    window = batch_size * 50
+    batches = []
+    for s in range(0, len(idx), window):
+        chunk = sorted(idx[s:s + window], key=lambda i: len(examples[i][0]))
+        for b in range(0, len(chunk), batch_size):
+            batches.append(chunk[b:b + batch_size])
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples, batch, pad_id):
+    n = max(len(examples[i][0]) for i in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for r, i in enumerate(batch):
+        x, y = examples[i]
+        ids[r, :len(x)] = torch.tensor(x)
+        labels[r, :len(y)] = torch.tensor(y)
+        mask[r, :len(x)] = 1
+    return ids, labels, mask
+
+
+def lr_at(progress, step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    p = min(1.0, progress)
+    cos = 0.5 * (1 + math.cos(math.pi * p))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cos)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    t_start = time.time()
+
+    tok = build_tokenizer(args.data, args.vocab_size)
+    check_tokenizer(tok)
+
+    rows = load_rows(os.path.join(args.data, "train.jsonl"), args.max_train_rows)
+    examples = [encode_row(tok, r["question"], r["answer"]) for r in rows]
+    n_tok = sum(len(x) for x, _ in examples)
+    print(f"{len(examples)} train rows, {n_tok} tokens "
+          f"(mean {n_tok / len(examples):.1f}), vocab {len(tok)}; "
+          f"prep {time.time() - t_start:.1f}s", flush=True)
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.02,
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.layers} layers, hidden {args.hidden}, "
+          f"{n_params / 1e6:.3f}M params", flush=True)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    model.train()
+    step, epoch = 0, 0
+    t0 = time.time()
+    loss_ema = None
+    done = False
+    while not done:
+        batches = make_batches(examples, args.batch_size, rng)
+        for batch in batches:
+            elapsed = time.time() - t0
+            progress = step / args.max_steps
+            if args.time_budget > 0:
+                progress = max(progress, elapsed / args.time_budget)
+            if progress >= 1.0:
+                done = True
+                break
+            lr = lr_at(progress, step, args)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            ids, labels, mask = collate(examples, batch, tok.pad_token_id)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss = out.loss.item()
+            loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+            step += 1
+            if step % args.log_every == 0:
+                print(f"step {step} epoch {epoch} lr {lr:.2e} loss {loss:.4f} "
+                      f"ema {loss_ema:.4f} elapsed {time.time() - t0:.0f}s",
+                      flush=True)
+        epoch += 1
+    train_time = time.time() - t0
+    print(f"trained {step} steps ({epoch} epochs started) in {train_time:.1f}s, "
+          f"final loss ema {loss_ema:.4f}", flush=True)
+
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+        max_new_tokens=128,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    info = {
+        "train_wall_time_s": round(train_time, 1),
+        "total_wall_time_s": round(time.time() - t_start, 1),
+        "steps": step,
+        "epochs_started": epoch,
+        "final_loss_ema": round(loss_ema, 5),
+        "n_params": n_params,
+        "train_rows": len(examples),
+        "args": vars(args),
+        "torch": torch.__version__,
+    }
+    with open(os.path.join(args.out, "train_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(json.dumps({k: v for k, v in info.items() if k != "args"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

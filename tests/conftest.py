@@ -1,0 +1,123 @@
+"""Session fixtures: a tiny byte-level tokenizer with a chat template, tiny random models of several
+architectures built from transformers config classes, and a small calibration file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DRAFTKIT_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+NAMES = ["Tom", "Ana", "Lee", "Mia", "Sam", "Ivy"]
+THINGS = ["apples", "pens", "cards", "books", "coins"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        a, b = rng.randint(2, 40), rng.randint(1, 30)
+        q = f"{name} has {a} {thing}. {name} buys {b} more {thing}. How many {thing} does {name} have now?"
+        ans = f"{name} starts with {a} {thing}. {a} + {b} = {a + b}.\n#### {a + b}"
+        rows.append({"question": q, "answer": ans})
+    return rows
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = [r["question"] + "\n" + r["answer"] for r in make_rows(300)]
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, layers: int = 6):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=16, max_window_layers=3)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=32)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+    if arch == "phi3":
+        return tf.Phi3Config(**common, original_max_position_embeddings=256)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "qwen2", "mistral", "gemma2", "phi3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+def make_tiny_model(arch: str, tokenizer_dir: Path, out: Path, layers: int = 6, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tok), layers))
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
+    """One saved tiny random model per architecture (6 layers, hidden 64)."""
+    root = tmp_path_factory.mktemp("models")
+    return {arch: make_tiny_model(arch, tiny_tokenizer_dir, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "calib.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(64, seed=1)))
+    return path
