@@ -41,26 +41,14 @@ class Stage:
     save: Callable[..., dict[str, Any]] | Literal["report"] | None = None
 
 
-def _registry() -> dict[str, Stage]:
+def stages() -> dict[str, Stage]:
+    """All stages by name, in pipeline order. Imports are lazy so ``draftkit --help`` stays fast."""
     from draftkit.prune import PruneConfig, prune_model
 
-    stages = {"prune": Stage("prune", PruneConfig, prune_model)}
-    for loader in _EXTRA_STAGES:
-        stages.update(loader())
-    return stages
-
-
-# Later stages register themselves here: functions returning {name: Stage}, imported lazily.
-_EXTRA_STAGES: list[Callable[[], dict[str, Stage]]] = []
-
-
-def register(loader: Callable[[], dict[str, Stage]]) -> Callable[[], dict[str, Stage]]:
-    _EXTRA_STAGES.append(loader)
-    return loader
-
-
-def stages() -> dict[str, Stage]:
-    return _registry()
+    registry = {"prune": Stage("prune", PruneConfig, prune_model)}
+    # Each further stage adds one block here: import its config and function, then
+    # registry["name"] = Stage("name", Config, function[, save=...]).
+    return registry
 
 
 def run_stage(
