@@ -20,7 +20,7 @@ from rich.progress import (
 
 T = TypeVar("T")
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 _quiet = False

@@ -133,18 +133,16 @@ def load_model(
     Returns:
         ``(model, tokenizer)``; the tokenizer is None when ``with_tokenizer`` is False.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from draftkit.console import progress_enabled
+
+    if not progress_enabled():
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     ref = resolve_model_ref(name)
-    try:
-        config = AutoConfig.from_pretrained(ref.location, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        if not ref.local:
-            raise ModelLoadError(
-                f"could not load {name} ({ref.location}) from the hub: {_short(exc)}; "
-                "pass a local directory, or check the network and HF_TOKEN"
-            ) from exc
-        raise ModelLoadError(f"could not read the config of {name}: {_short(exc)}") from exc
+    config = load_config(name, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref.location,
@@ -165,6 +163,26 @@ def load_model(
     model.to(resolve_device(device))
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+def load_config(name: str, *, trust_remote_code: bool = False):
+    """The model's config only (cheap: lets commands check their settings before loading weights)."""
+    from transformers import AutoConfig
+
+    ref = resolve_model_ref(name)
+    try:
+        return AutoConfig.from_pretrained(ref.location, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(f"{name} needs code from its repository: pass --trust-remote-code if you trust it") from exc
+        raise ModelLoadError(f"could not read the config of {name}: {_short(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001
+        if not ref.local:
+            raise ModelLoadError(
+                f"could not load {name} ({ref.location}) from the hub: {_short(exc)}; "
+                "pass a local directory, or check the network and HF_TOKEN"
+            ) from exc
+        raise ModelLoadError(f"could not read the config of {name}: {_short(exc)}") from exc
 
 
 def resolve_device(device: str) -> torch.device:

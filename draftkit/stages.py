@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from draftkit.io import atomic_write_json, check_output_dir
-from draftkit.modeling import load_model, make_provenance, save_model
+from draftkit.modeling import load_config, load_model, make_provenance, save_model
 
 
 class LoadConfig(BaseModel):
@@ -39,13 +39,16 @@ class Stage:
     # ``save(model, tokenizer, out, provenance, cfg, overwrite) -> dict`` (e.g. export), or "report"
     # for stages that only measure (eval, spec) and write report.json.
     save: Callable[..., dict[str, Any]] | Literal["report"] | None = None
+    # Optional ``check(hf_config, cfg)`` run before the weights load, to fail fast on settings that
+    # do not fit the model.
+    check: Callable[[Any, BaseModel], None] | None = None
 
 
 def stages() -> dict[str, Stage]:
     """All stages by name, in pipeline order. Imports are lazy so ``draftkit --help`` stays fast."""
-    from draftkit.prune import PruneConfig, prune_model
+    from draftkit.prune import PruneConfig, check_prune, prune_model
 
-    registry = {"prune": Stage("prune", PruneConfig, prune_model)}
+    registry = {"prune": Stage("prune", PruneConfig, prune_model, check=check_prune)}
     # Each further stage adds one block here: import its config and function, then
     # registry["name"] = Stage("name", Config, function[, save=...]).
     return registry
@@ -70,6 +73,8 @@ def run_stage(
     load = load or LoadConfig()
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name,))
     t0 = time.perf_counter()
+    if stage.check is not None:
+        stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
     model, tokenizer = load_model(
         model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
     )

@@ -11,7 +11,7 @@ from torch import nn
 from draftkit.console import track
 from draftkit.data import calibration_samples, model_max_length
 from draftkit.errors import InvalidInputError
-from draftkit.modeling import count_parameters, decoder, decoder_layers
+from draftkit.modeling import count_parameters, decoder, decoder_layers, text_config
 from draftkit.prune.config import PruneConfig
 from draftkit.prune.drop import drop_layers
 from draftkit.prune.scores import block_distances, choose_block, lowest_influence, parse_layer_ranges
@@ -68,6 +68,29 @@ def collect_layer_states(model: nn.Module, samples: list[torch.Tensor], *, batch
     return states, bi.float()
 
 
+def check_prune(hf_config, cfg: PruneConfig) -> None:
+    """Check the settings against the model's config before any weights are loaded."""
+    n_layers = getattr(text_config(hf_config), "num_hidden_layers", None)
+    if n_layers is None:
+        return
+    if cfg.layers is not None and cfg.layers >= n_layers:
+        raise InvalidInputError(f"--layers must be between 1 and {n_layers - 1} for this {n_layers}-layer model (got {cfg.layers})")
+    if cfg.drop is not None:
+        _explicit_layers(cfg.drop, n_layers)
+
+
+def _explicit_layers(spec: str, n_layers: int) -> list[int]:
+    try:
+        dropped = parse_layer_ranges(spec)
+    except ValueError as exc:
+        raise InvalidInputError(f"--drop {spec!r}: {exc}; write indices like 20-25 or 3,5,7-9") from None
+    if not dropped or max(dropped) >= n_layers:
+        raise InvalidInputError(f"--drop {spec!r}: the model has layers 0-{n_layers - 1}")
+    if len(dropped) >= n_layers:
+        raise InvalidInputError(f"--drop {spec!r} would remove all {n_layers} layers")
+    return dropped
+
+
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Drop decoder blocks as ``cfg`` says. The model is edited in place and returned with a report.
 
@@ -80,14 +103,7 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig) -> tuple[nn.Modul
     report: dict[str, Any] = {"stage": "prune", "method": cfg.method, "layers_before": n_layers}
 
     if cfg.drop is not None:
-        try:
-            dropped = parse_layer_ranges(cfg.drop)
-        except ValueError as exc:
-            raise InvalidInputError(f"--drop {cfg.drop!r}: {exc}; write indices like 20-25 or 3,5,7-9") from None
-        if not dropped or max(dropped) >= n_layers:
-            raise InvalidInputError(f"--drop {cfg.drop!r}: the model has layers 0-{n_layers - 1}")
-        if len(dropped) >= n_layers:
-            raise InvalidInputError(f"--drop {cfg.drop!r} would remove all {n_layers} layers")
+        dropped = _explicit_layers(cfg.drop, n_layers)
         report["method"] = "explicit"
     else:
         n = cfg.layers
