@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from draftkit.modeling import count_parameters, decoder_layers, load_model, read_provenance, resolve_model_ref, text_config
+from draftkit.modeling import (
+    count_parameters,
+    decoder_layers,
+    load_model,
+    read_provenance,
+    resolve_model_ref,
+    text_config,
+)
 from draftkit.sparsify.masks import layer_sparsity, model_sparsity
 
 

@@ -135,12 +135,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from draftkit.console import progress_enabled
-
-    if not progress_enabled():
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
+    _sync_progress_bars()
     ref = resolve_model_ref(name)
     config = load_config(name, trust_remote_code=trust_remote_code)
     try:
@@ -163,6 +158,18 @@ def load_model(
     model.to(resolve_device(device))
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+def _sync_progress_bars() -> None:
+    """transformers' own loading/saving bars follow draftkit's progress setting."""
+    import transformers
+
+    from draftkit.console import progress_enabled
+
+    if progress_enabled():
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        transformers.utils.logging.disable_progress_bar()
 
 
 def load_config(name: str, *, trust_remote_code: bool = False):
@@ -324,6 +331,7 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, *, provenanc
     """Save model (safetensors), tokenizer, generation config and ``draftkit.json`` atomically."""
     from draftkit.io import atomic_dir, atomic_write_json
 
+    _sync_progress_bars()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:

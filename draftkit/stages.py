@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from draftkit.io import atomic_write_json, check_output_dir
+from draftkit.errors import GateFailedError
+from draftkit.io import atomic_dir, atomic_write_json, check_output_dir
 from draftkit.modeling import load_config, load_model, make_provenance, save_model
 
 
@@ -49,6 +50,20 @@ def stages() -> dict[str, Stage]:
     from draftkit.prune import PruneConfig, check_prune, prune_model
 
     registry = {"prune": Stage("prune", PruneConfig, prune_model, check=check_prune)}
+    from draftkit.sparsify import SparsifyConfig, sparsify_model
+    from draftkit.sparsify.runner import check_sparsify
+
+    registry["sparsify"] = Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify)
+    from draftkit.evaluate import EvalConfig, check_eval, eval_stage
+    from draftkit.evaluate.spec import SpecConfig, check_spec, spec_stage
+    from draftkit.export import ExportConfig, export_stage, write_export
+
+    registry["export"] = Stage("export", ExportConfig, export_stage, save=write_export)
+    registry["eval"] = Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval)
+    registry["spec"] = Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec)
+    from draftkit.distill import DistillConfig, check_distill, distill_model
+
+    registry["distill"] = Stage("distill", DistillConfig, distill_model, check=check_distill)
     # Each further stage adds one block here: import its config and function, then
     # registry["name"] = Stage("name", Config, function[, save=...]).
     return registry
@@ -66,8 +81,11 @@ def run_stage(
 ) -> dict[str, Any]:
     """Load ``model_name``, run stage ``name`` with ``cfg``, write the result to ``out`` atomically.
 
-    The output is checked before anything is loaded, so a bad ``out`` costs nothing and writes nothing.
-    Returns the stage's report (with ``output`` and ``seconds`` added).
+    The output and the stage's settings are checked before the weights load, so bad input costs
+    little and writes nothing. Returns the stage's report (with ``output`` and ``total_seconds``).
+
+    Raises:
+        GateFailedError: after the outputs are written, when the report's ``gate`` failed.
     """
     stage = stages()[name]
     load = load or LoadConfig()
@@ -78,16 +96,47 @@ def run_stage(
     model, tokenizer = load_model(
         model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
     )
+    _, _, report = execute_stage(
+        stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite, arguments=arguments
+    )
+    report["total_seconds"] = round(time.perf_counter() - t0, 3)
+    raise_if_gate_failed(report)
+    return report
+
+
+def execute_stage(
+    stage: Stage,
+    model,
+    tokenizer,
+    cfg: BaseModel,
+    *,
+    out: Path,
+    source: str,
+    load: LoadConfig,
+    overwrite: bool = False,
+    arguments: dict[str, Any] | None = None,
+):
+    """Run a stage on an in-memory model and write its output; returns ``(model, tokenizer, report)``.
+
+    A stage that measures (eval with a quality gate) reports ``report["gate"] = {"passed": bool,
+    "message": str}`` instead of raising, so its report is always written; callers then use
+    :func:`raise_if_gate_failed`.
+    """
     model, report = stage.run(model, tokenizer, cfg)
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
-    provenance = make_provenance(stage=name, source=model_name, arguments=args, facts=report)
+    provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
     if stage.save is None:
         save_model(model, tokenizer, out, provenance=provenance, overwrite=overwrite)
     elif stage.save == "report":
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "report.json", {"provenance": provenance, "report": report})
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            atomic_write_json(tmp / "report.json", {"provenance": provenance, "report": report})
     else:
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
-    report["total_seconds"] = round(time.perf_counter() - t0, 3)
-    return report
+    return model, tokenizer, report
+
+
+def raise_if_gate_failed(report: dict[str, Any]) -> None:
+    gate = report.get("gate")
+    if isinstance(gate, dict) and gate.get("passed") is False:
+        raise GateFailedError(gate.get("message") or "quality gate failed")

@@ -24,11 +24,20 @@ app = typer.Typer(
 # (module, function, command name): one module per command family.
 _COMMANDS = [
     ("draftkit.cli.prune", "prune", "prune"),
+    ("draftkit.cli.sparsify", "sparsify", "sparsify"),
     ("draftkit.cli.info", "inspect", "inspect"),
     ("draftkit.cli.info", "models", "models"),
+    ("draftkit.cli.run", "run", "run"),
+    ("draftkit.cli.export", "export", "export"),
+    ("draftkit.cli.export", "decompress", "decompress"),
+    ("draftkit.cli.evaluate", "evaluate", "eval"),
+    ("draftkit.cli.spec", "spec", "spec"),
 ]
 # Sub-apps (typer groups): (module, attribute, name).
-_GROUPS: list[tuple[str, str, str]] = []
+_GROUPS: list[tuple[str, str, str]] = [
+    ("draftkit.cli.run", "recipes_app", "recipes"),
+    ("draftkit.cli.distill", "app", "distill"),
+]
 
 
 def _register() -> None:

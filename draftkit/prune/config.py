@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from draftkit.data import CalibConfig
 
@@ -26,6 +26,11 @@ class PruneConfig(BaseModel):
         description="calibration data for scoring blocks",
     )
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward pass")
+
+    @field_validator("drop", mode="before")
+    @classmethod
+    def _drop_as_text(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _one_of_layers_or_drop(self):

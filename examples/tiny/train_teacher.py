@@ -27,8 +27,12 @@ import random
 import sys
 import time
 
-import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+# Under CPU contention, spinning OpenMP workers make multi-threaded steps many
+# times slower; passive waiting degrades gracefully. Must be set before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -74,17 +78,21 @@ def load_rows(path, limit=0):
     return rows
 
 
-def encode_row(tok, question, answer):
+def encode_rows(tok, rows):
     """ids = chat prompt (tokenized alone, as at inference) + answer + eos.
 
     Labels are -100 on the prompt so only assistant tokens carry loss.
     """
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": question}],
-        add_generation_prompt=True, tokenize=False)
-    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    a_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return p_ids + a_ids, [-100] * len(p_ids) + a_ids
+    prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}],
+                                       add_generation_prompt=True, tokenize=False)
+               for r in rows]
+    p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    a_ids = tok([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, a in zip(p_ids, a_ids):
+        a = a + [tok.eos_token_id]
+        out.append((p + a, [-100] * len(p) + a))
+    return out
 
 
 def make_batches(examples, batch_size, rng):
@@ -135,7 +143,7 @@ def main(argv=None):
     check_tokenizer(tok)
 
     rows = load_rows(os.path.join(args.data, "train.jsonl"), args.max_train_rows)
-    examples = [encode_row(tok, r["question"], r["answer"]) for r in rows]
+    examples = encode_rows(tok, rows)
     n_tok = sum(len(x) for x, _ in examples)
     print(f"{len(examples)} train rows, {n_tok} tokens "
           f"(mean {n_tok / len(examples):.1f}), vocab {len(tok)}; "

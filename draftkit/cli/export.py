@@ -1,0 +1,99 @@
+"""``draftkit export`` and ``draftkit decompress``: the checkpoint users deploy, sparse or dense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from draftkit import console
+from draftkit.cli._common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    TrustOpt,
+    build,
+    default_output,
+    emit,
+    handle_errors,
+)
+from draftkit.export import ExportConfig
+from draftkit.stages import LoadConfig, run_stage
+
+
+@handle_errors
+def export(
+    model: ModelArg,
+    format: Annotated[str, typer.Option("--format", help="sparse (bitmask layout) | dense | auto (sparse when the model has sparse linears)")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the written weights: auto (the model's), float32, bfloat16, float16")] = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest safetensors shard, e.g. 5GB")] = "5GB",
+    min_sparsity: Annotated[float, typer.Option("--min-sparsity", help="compress a linear weight only when at least this fraction is zero")] = 0.1,
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a sparse (compressed-tensors sparse-bitmask) or dense safetensors checkpoint.
+
+    Examples:
+
+      draftkit export drafts/llama-50pct -o drafts/llama-50pct-sparse
+
+      draftkit export drafts/llama-50pct -o drafts/llama-50pct-dense --format dense --dtype bfloat16
+    """
+    console.set_quiet(quiet)
+    cfg = build(ExportConfig, format=format, dtype=dtype, max_shard_size=max_shard_size, min_sparsity=min_sparsity)
+    load = build(LoadConfig, dtype="auto", device=device, trust_remote_code=trust_remote_code)
+    out = output or default_output(model, f"{cfg.format if cfg.format != 'auto' else 'export'}")
+    report = run_stage("export", model, cfg, out=out, load=load, overwrite=overwrite)
+    emit(report, json, _render)
+    if report["format"] == "sparse" and json:
+        console.err.print(report["load_hint"], highlight=False, markup=False)
+        console.err.print(report["serve_hint"], highlight=False, markup=False)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _render(report: dict) -> None:
+    p = console.out.print
+    p(f"{report['format']} checkpoint ({report['dtype']}) written to {report['output']} in {report['total_seconds']:.1f}s")
+    p(f"  on disk: {_mb(report['bytes_on_disk'])} = {report['ratio_to_dense']:.3f} x the dense checkpoint ({_mb(report['dense_bytes'])})")
+    if report["format"] == "sparse":
+        p(f"  {report['compressed_modules']} linears compressed, structure {report['sparsity_structure']}, "
+          f"sparsity {report['target_sparsity']:.4f} (global {report['global_sparsity']:.4f})")
+        p(f"  layout theory at the measured sparsity: {_mb(report['theoretical_bytes'])} (on disk / theory = {report['ratio_to_theory']:.4f})")
+        p(report["load_hint"], markup=False)
+        p(report["serve_hint"], markup=False)
+
+
+@handle_errors
+def decompress(
+    sparse: Annotated[str, typer.Argument(help="a sparse-bitmask checkpoint directory", show_default=False)],
+    output: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="largest safetensors shard, e.g. 5GB")] = "5GB",
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Turn a sparse-bitmask checkpoint into dense safetensors (loads in vLLM, transformers, llama.cpp).
+
+    Example:
+
+      draftkit decompress drafts/llama-50pct-sparse -o drafts/llama-50pct-dense
+    """
+    from draftkit.export import decompress as run
+
+    console.set_quiet(quiet)
+    build(ExportConfig, max_shard_size=max_shard_size)  # validates the size
+    out = output or default_output(sparse, "dense")
+    report = run(Path(sparse), out, overwrite=overwrite, max_shard_size=max_shard_size)
+    emit(report, json, lambda r: console.out.print(
+        f"dense checkpoint written to {r['output']}: {r['tensors']} tensors, {_mb(r['bytes_on_disk'])}"))

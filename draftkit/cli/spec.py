@@ -1,0 +1,85 @@
+"""``draftkit spec``: speculative decoding of a draft against a target; MAL, acceptance, speedup."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from draftkit import console
+from draftkit.cli._common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    QuietOpt,
+    TrustOpt,
+    build,
+    handle_errors,
+)
+from draftkit.cli.evaluate import ReportOutOpt, run_report_stage
+from draftkit.evaluate.spec import SpecConfig
+from draftkit.stages import LoadConfig
+
+
+@handle_errors
+def spec(
+    draft: ModelArg,
+    target: Annotated[str, typer.Option("--target", help="the target model (directory, alias or hub id)", show_default=False)],
+    prompts: Annotated[str, typer.Option("--prompts", help="prompts file: .jsonl/.json/.csv/.parquet with a prompt/question/messages/text column, or .txt", show_default=False)],
+    k: Annotated[int, typer.Option("--k", help="tokens the draft proposes per step")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="tokens generated per prompt")] = 128,
+    limit: Annotated[int | None, typer.Option("--limit", help="use at most this many prompts")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="auto | same (shared vocabulary) | text (re-tokenize through text)")] = "auto",
+    chat: Annotated[bool, typer.Option("--chat/--no-chat", help="render prompts with the target's chat template")] = True,
+    check_lossless: Annotated[bool, typer.Option("--check-lossless/--no-check-lossless", help="compare with the target's own greedy output")] = True,
+    output: ReportOutOpt = None,
+    overwrite: OverwriteOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Speculative decoding with greedy verification: mean accepted length (MAL) and expected speedup.
+
+    Examples:
+
+      draftkit spec drafts/tiny-prune2 --target examples/tiny/teacher --prompts examples/tiny/data/test.jsonl --limit 20
+
+      draftkit spec llama-3.2-1b-instruct --target llama-3.1-8b-instruct --prompts prompts.jsonl --k 5 --json
+    """
+    console.set_quiet(quiet)
+    cfg = build(SpecConfig, target=target, prompts=prompts, k=k, max_new_tokens=max_new_tokens, limit=limit, mode=mode,
+                chat=chat, check_lossless=check_lossless)
+    load = build(LoadConfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    run_report_stage("spec", draft, cfg, output=output, load=load, overwrite=overwrite, as_json=json, render=_render)
+
+
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _render(r: dict) -> None:
+    p = console.out.print
+    p(f"speculative decoding, k={r['k']}, {r['mode']} vocabulary mode, {r['prompts']} prompts: "
+      f"{r['committed_tokens']} tokens in {r['target_forwards']} target forwards")
+    p(f"MAL (tokens per target forward, bonus included): {r['mal']:.3f} of at most {r['k'] + 1}")
+    t = Table(title="acceptance by draft position")
+    t.add_column("position", justify="right")
+    t.add_column("accepted", justify="right")
+    t.add_column("given previous accepted", justify="right")
+    for i, (a, c) in enumerate(zip(r["acceptance_by_position"], r["conditional_acceptance_by_position"], strict=True), 1):
+        t.add_row(str(i), _f(a), _f(c))
+    p(t)
+    p(f"draft/target cost: {_f(r['cost_ratio_macs'])} by MACs, {_f(r['cost_ratio_latency'])} by measured latency "
+      f"({_f(r['draft_forward_ms'], 2)} ms vs {_f(r['target_forward_ms'], 2)} ms per forward)")
+    p(f"expected speedup MAL/(k*c+1): {_f(r['expected_speedup_macs'], 2)}x (MACs), {_f(r['expected_speedup_latency'], 2)}x (latency)")
+    if "lossless" in r:
+        verdict = "[green]identical[/green]" if r["lossless"] else "[red]DIFFERENT[/red]"
+        p(f"lossless check: output {verdict} to the target's greedy output on {r['lossless_prompts']}/{r['prompts']} prompts; "
+          f"measured speedup here {_f(r['measured_speedup'], 2)}x")
+    if r.get("output"):
+        p(f"report written to {r['output']}/report.json")

@@ -1,0 +1,76 @@
+"""Self-data distillation: the teacher rewrites the SFT set, then the student is fine-tuned on it with its
+sparsity masks held fixed (Thangarasa et al. 2024; SD², Lasby et al. 2025).
+
+Python API::
+
+    from draftkit.distill import DistillConfig, distill_model
+    cfg = DistillConfig(teacher="examples/tiny/teacher", dataset="train.jsonl", work_dir="run-work")
+    model, report = distill_model(student, tokenizer, cfg)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from draftkit.distill.config import DistillConfig, parse_columns
+from draftkit.distill.regenerate import ROWS_FILE, HFEngine, load_examples, regenerate
+from draftkit.distill.templates import DEFAULT_TEMPLATE, INSTRUCTION_ONLY_TEMPLATE, accept, extract_answer
+from draftkit.distill.train import train_model
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "INSTRUCTION_ONLY_TEMPLATE",
+    "DistillConfig",
+    "HFEngine",
+    "accept",
+    "check_distill",
+    "distill_model",
+    "extract_answer",
+    "load_examples",
+    "parse_columns",
+    "regenerate",
+    "train_model",
+]
+
+
+def check_distill(hf_config, cfg: DistillConfig) -> None:
+    """Fail fast, before the student's weights load: the data must have prompt/response columns and the
+    teacher's config must be readable."""
+    from draftkit.modeling import load_config
+
+    load_examples(cfg)
+    if cfg.regenerate and cfg.teacher is not None:
+        load_config(cfg.teacher)
+
+
+def distill_model(model, tokenizer, cfg: DistillConfig) -> tuple[Any, dict[str, Any]]:
+    """The distill stage: regenerate ``cfg.dataset`` with ``cfg.teacher`` (unless ``cfg.regenerate`` is False),
+    then fine-tune ``model`` on it with its sparsity masks held fixed.
+
+    The rows file goes to ``cfg.work_dir/data/rows.jsonl`` and epoch checkpoints to
+    ``cfg.work_dir/checkpoints`` (removed once training finishes); re-running with the same ``work_dir``
+    resumes both. Without ``work_dir`` a temporary folder is used and removed.
+    """
+    examples = load_examples(cfg)  # fails fast on bad data, before the teacher is loaded
+    temp = cfg.work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="draftkit-distill-")) if temp else Path(cfg.work_dir)
+    report: dict[str, Any] = {"work_dir": None if temp else str(work), "regenerated": cfg.regenerate}
+    try:
+        if cfg.regenerate:
+            from accelerate import PartialState
+
+            state = PartialState()  # under `accelerate launch`, one process regenerates, the others wait
+            if state.is_main_process:
+                report["regenerate"] = regenerate(cfg, work / "data", device=next(model.parameters()).device)
+            state.wait_for_everyone()
+            rows_cfg = cfg.model_copy(update={"dataset": str(work / "data" / ROWS_FILE), "columns": None, "limit": None})
+            examples = load_examples(rows_cfg)
+        model, report["train"] = train_model(model, tokenizer, examples, cfg, work / "checkpoints")
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    finally:
+        if temp:
+            shutil.rmtree(work, ignore_errors=True)
+    return model, report

@@ -1,0 +1,193 @@
+"""Quality of a draft: local offline tasks, lm-eval tasks, and recovery against a baseline (the teacher).
+
+``eval_stage(model, tokenizer, cfg)`` is the stage function; ``report["gate"]`` carries the
+``--min-recovery`` verdict (the stage runner raises GateFailedError after the report is written).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from draftkit import console
+from draftkit.errors import DataError, InvalidInputError
+from draftkit.evaluate.tasks import LOCAL_TASKS
+
+PPL_TASK = "perplexity"
+LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
+PRIMARY_ORDER = ("acc_norm", "acc", "exact_match", "f1", "mcc", "perplexity", "word_perplexity")
+
+
+class EvalConfig(BaseModel):
+    """Settings of ``draftkit eval``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="tasks to run: tiny-arith (offline demo task) or any lm-eval task name (needs draftkit[eval])",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples for lm-eval tasks (task default if unset)")
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many examples per task")
+    batch_size: int = Field(8, ge=1, description="sequences per forward pass / generate call")
+    ppl: str | None = Field(None, description="local .txt/.jsonl file to measure perplexity on (sliding windows)")
+    ppl_seqlen: int = Field(1024, ge=8, description="perplexity window length in tokens (capped by the context)")
+    ppl_stride: int | None = Field(None, ge=1, description="perplexity window stride (default: half the window)")
+    arith_data: str | None = Field(None, description="question/answer .jsonl for tiny-arith (default: the demo test split)")
+    max_new_tokens: int = Field(128, ge=1, description="generation budget of generative local tasks")
+    include_path: str | None = Field(None, description="directory of extra lm-eval task YAMLs (e.g. local datasets)")
+    baseline: str | None = Field(None, description="baseline model (the unpruned teacher) to compute quality recovery against")
+    min_recovery: float | None = Field(
+        None, gt=0, description="fail (exit code 3) when the mean recovery against the baseline is below this"
+    )
+    cache: bool = Field(True, description="reuse baseline results cached by model hash and settings")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if not self.tasks and not self.ppl:
+            raise ValueError("nothing to evaluate: pass --tasks (e.g. tiny-arith) and/or --ppl FILE")
+        if self.min_recovery is not None and not self.baseline:
+            raise ValueError("--min-recovery needs --baseline (the model to recover against)")
+        dup = {t for t in self.tasks if self.tasks.count(t) > 1}
+        if dup:
+            raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
+        return self
+
+    def lm_eval_tasks(self) -> list[str]:
+        return [t for t in self.tasks if t not in LOCAL_TASKS]
+
+
+def check_eval(hf_config, cfg: EvalConfig) -> None:
+    """Fail fast, before any weights load: unknown tasks, missing files, a bad baseline reference."""
+    from draftkit.evaluate.lmeval import check_tasks
+
+    for name, path in (("--ppl", cfg.ppl), ("--arith-data", cfg.arith_data)):
+        if path and not Path(path).is_file():
+            raise DataError(f"{name} file {path} does not exist")
+    check_tasks(cfg.lm_eval_tasks(), cfg.include_path, local=LOCAL_TASKS + (f"--ppl ({PPL_TASK})",))
+    if cfg.baseline:
+        from draftkit.modeling import resolve_model_ref
+
+        resolve_model_ref(cfg.baseline)
+
+
+def run_tasks(model, tokenizer, cfg: EvalConfig) -> dict[str, dict[str, float]]:
+    """All configured tasks on one in-memory model: ``{task: {metric: value}}``."""
+    from draftkit.evaluate import tasks as local
+
+    results: dict[str, dict[str, float]] = {}
+    for t in cfg.tasks:
+        if t == "tiny-arith":
+            results[t] = local.tiny_arith(model, tokenizer, data=cfg.arith_data, limit=cfg.limit,
+                                          batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    lm_tasks = cfg.lm_eval_tasks()
+    if lm_tasks:
+        from draftkit.evaluate.lmeval import run_lm_eval
+
+        results.update(run_lm_eval(model, tokenizer, lm_tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                   batch_size=cfg.batch_size, include_path=cfg.include_path))
+    if cfg.ppl:
+        results[PPL_TASK] = local.perplexity(model, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride)
+    return results
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> str | None:
+    for name in PRIMARY_ORDER:
+        if name in metrics:
+            return name
+    for name, value in metrics.items():
+        if isinstance(value, float):
+            return name
+    return None
+
+
+def recovery(value: float, base: float, metric: str) -> float | None:
+    """Quality recovery: value / baseline (baseline / value for lower-is-better metrics)."""
+    if metric.split(",")[0] in LOWER_IS_BETTER:
+        return base / value if value else None
+    return value / base if base else None
+
+
+def _cache_file(cfg: EvalConfig) -> Path:
+    from draftkit import __version__
+    from draftkit.modeling import directory_hash, resolve_model_ref
+
+    ref = resolve_model_ref(cfg.baseline)
+    settings = cfg.model_dump(include={"tasks", "num_fewshot", "limit", "ppl_seqlen", "ppl_stride", "max_new_tokens",
+                                       "arith_data", "include_path"})
+    for key in ("ppl", "arith_data"):
+        path = getattr(cfg, key)
+        settings[f"{key}_hash"] = _file_hash(path) if path else None
+    key = json.dumps([directory_hash(ref.location) if ref.local else ref.location, settings, __version__], sort_keys=True)
+    root = Path(os.environ.get("DRAFTKIT_CACHE_DIR") or Path.home() / ".cache" / "draftkit")
+    return root / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _file_hash(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "cpu") -> tuple[dict, bool]:
+    """The baseline's results, from the cache when ``cfg.cache`` and present; returns ``(results, cached)``."""
+    from draftkit.export import load_model_and_tokenizer
+    from draftkit.io import atomic_write_json
+
+    file = _cache_file(cfg)
+    if cfg.cache and file.is_file():
+        try:
+            return json.loads(file.read_text())["results"], True
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+    console.info(f"evaluating the baseline {cfg.baseline}")
+    model, tok = load_model_and_tokenizer(cfg.baseline, dtype=load_dtype, device=device)
+    results = run_tasks(model, tok, cfg)
+    del model
+    if cfg.cache:
+        try:
+            atomic_write_json(file, {"baseline": cfg.baseline, "results": results})
+        except OSError as exc:
+            console.warn(f"could not cache the baseline results in {file}: {exc}")
+    return results, False
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu") -> dict[str, Any]:
+    """Run the tasks on ``model`` (and the baseline), compute recovery and the gate verdict."""
+    results = run_tasks(model, tokenizer, cfg)
+    report: dict[str, Any] = {"tasks": results, "primary": {t: primary_metric(t, m) for t, m in results.items()}}
+    if cfg.baseline:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        base, cached = baseline_results(cfg, load_dtype=dtype, device=device)
+        rec = {}
+        for t, metrics in results.items():
+            m = report["primary"][t]
+            if m is not None and m in base.get(t, {}):
+                rec[t] = recovery(metrics[m], base[t][m], m)
+        valid = [v for v in rec.values() if v is not None]
+        mean = sum(valid) / len(valid) if valid else None
+        report["baseline"] = {"model": cfg.baseline, "tasks": base, "cached": cached}
+        report["recovery"] = rec
+        report["mean_recovery"] = mean
+        if cfg.min_recovery is not None:
+            passed = mean is not None and mean >= cfg.min_recovery
+            shown = f"{mean:.4f}" if mean is not None else "n/a"
+            report["gate"] = {
+                "min_recovery": cfg.min_recovery,
+                "mean_recovery": mean,
+                "passed": passed,
+                "message": f"quality gate {'passed' if passed else 'failed'}: mean recovery {shown} "
+                f"{'>=' if passed else '<'} --min-recovery {cfg.min_recovery}",
+            }
+    return report
+
+
+def eval_stage(model, tokenizer, cfg: EvalConfig):
+    """Stage function: ``(model, tokenizer, cfg) -> (model, report)``; the model is not changed."""
+    if tokenizer is None:
+        raise InvalidInputError("eval needs the model's tokenizer")
+    device = str(next(model.parameters()).device)
+    return model, evaluate(model, tokenizer, cfg, device=device)

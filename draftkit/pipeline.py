@@ -1,0 +1,168 @@
+"""Run a recipe: stages in order, one output folder and a manifest entry per stage, resume, report.
+
+Layout of a run directory::
+
+    OUTPUT/
+      recipe.yaml          the resolved recipe (overrides and interpolation applied)
+      manifest.json        per stage: config hash, input hash, status, time, metrics
+      00-prune/ 01-sparsify/ ...   each stage's output with its draftkit.json provenance
+      report.json report.md plots/*.png
+
+Re-running the same recipe skips stages whose config and input are unchanged and whose output
+exists (resume after a crash or a kill); ``from_stage`` forces a restart from a stage. A failed stage
+leaves earlier stages' outputs intact. Models flow from stage to stage in memory within one run; a
+stage that was skipped hands its saved output to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from draftkit import console
+from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError
+from draftkit.io import atomic_write_json, atomic_write_text
+from draftkit.modeling import directory_hash, load_config, load_model
+from draftkit.recipe import Recipe
+from draftkit.stages import execute_stage, raise_if_gate_failed, stages
+
+MANIFEST = "manifest.json"
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"stages": {}}
+
+
+def _input_hash(path: str) -> str:
+    return directory_hash(path) if Path(path).exists() else f"ref:{path}"
+
+
+def _start_index(recipe: Recipe, from_stage: str | None) -> int | None:
+    if from_stage is None:
+        return None
+    for step in recipe.steps:
+        if from_stage in (step.name, str(step.index), step.dirname):
+            return step.index
+    names = ", ".join(f"{s.index}:{s.name}" for s in recipe.steps)
+    raise InvalidInputError(f"--from {from_stage!r} names no stage of this recipe; stages: {names}")
+
+
+def run(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
+    """Run every stage of ``recipe``; returns the run report (also written as report.json/report.md).
+
+    Raises:
+        GateFailedError: a quality gate failed (all stages still ran and the report is written).
+        DraftkitError: a stage failed; earlier outputs and the manifest are kept.
+    """
+    out = Path(recipe.header.output)
+    force_from = _start_index(recipe, from_stage)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp-*"):  # left by a killed run; never a finished output
+        shutil.rmtree(stale, ignore_errors=True)
+    atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+    manifest = _read_manifest(out)
+    manifest.update(recipe=recipe.name, source=recipe.source)
+    entries: dict[str, Any] = manifest.setdefault("stages", {})
+    registry = stages()
+    load = recipe.header.load
+
+    current = recipe.header.model  # path or id of the model the next stage reads
+    in_memory: tuple[Any, Any, str] | None = None  # (model, tokenizer, path it equals)
+    results: list[dict[str, Any]] = []
+    gate_failures: list[str] = []
+    t_run = time.perf_counter()
+
+    for step in recipe.steps:
+        stage = registry[step.name]
+        stage_dir = out / step.dirname
+        key = str(step.index)
+        input_hash = _input_hash(current)
+        prev = entries.get(key, {})
+        forced = force_from is not None and step.index >= force_from
+        reusable = (
+            not forced
+            and prev.get("status") in ("done", "gate_failed")
+            and prev.get("config_hash") == step.config_hash()
+            and prev.get("input_hash") == input_hash
+            and prev.get("stage") == step.name
+            and stage_dir.exists()
+        )
+        if reusable:
+            console.info(f"[dim]{step.dirname}: unchanged, skipped (output {stage_dir})[/dim]")
+            report = prev.get("report", {})
+            results.append({"stage": step.name, "dir": str(stage_dir), "status": prev["status"], "skipped": True,
+                            "seconds": prev.get("seconds"), "report": report})
+            if prev["status"] == "gate_failed":
+                gate_failures.append(f"{step.dirname}: {report.get('gate', {}).get('message', 'gate failed')}")
+            if stage.save is None:
+                current, in_memory = str(stage_dir), None
+            continue
+
+        console.info(f"[bold]{step.dirname}[/bold]: running {step.name}")
+        entries[key] = {"stage": step.name, "config_hash": step.config_hash(), "input_hash": input_hash,
+                        "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_json(out / MANIFEST, manifest)
+        t0 = time.perf_counter()
+        try:
+            cfg = _with_run_defaults(step.config, stage_dir)
+            if stage.check is not None:
+                stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
+            if in_memory is None or in_memory[2] != current:
+                model, tok = load_model(current, dtype=load.dtype, device=load.device,
+                                        trust_remote_code=load.trust_remote_code)
+                in_memory = (model, tok, current)
+            model, tok, _ = in_memory
+            model, tok, report = execute_stage(stage, model, tok, cfg, out=stage_dir, source=current, load=load,
+                                               overwrite=True, arguments={"recipe": recipe.name, "step": step.index})
+        except BaseException as exc:
+            entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
+                                error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            atomic_write_json(out / MANIFEST, manifest)
+            if isinstance(exc, DraftkitError):
+                raise type(exc)(f"{step.dirname}: {exc}") from exc
+            raise
+        seconds = round(time.perf_counter() - t0, 3)
+        status = "done"
+        try:
+            raise_if_gate_failed(report)
+        except GateFailedError as exc:
+            status = "gate_failed"
+            gate_failures.append(f"{step.dirname}: {exc}")
+        entries[key].update(status=status, seconds=seconds, report=report)
+        atomic_write_json(out / MANIFEST, manifest)
+        results.append({"stage": step.name, "dir": str(stage_dir), "status": status, "skipped": False,
+                        "seconds": seconds, "report": report})
+        if stage.save is None:  # the stage produced the model the next stage reads
+            current = str(stage_dir)
+            in_memory = (model, tok, current)
+
+    from draftkit.report import write_run_report
+
+    run_report = {
+        "recipe": recipe.name,
+        "model": recipe.header.model,
+        "output": str(out),
+        "final_model": current,
+        "seconds": round(time.perf_counter() - t_run, 3),
+        "gate_failures": gate_failures,
+        "stages": results,
+    }
+    write_run_report(run_report, out)
+    if gate_failures:
+        err = GateFailedError("; ".join(gate_failures))
+        err.report = run_report  # type: ignore[attr-defined]
+        raise err
+    return run_report
+
+
+def _with_run_defaults(cfg, stage_dir: Path):
+    """Point a stage's working directory (where resumable intermediate files go) beside its output."""
+    if "work_dir" in type(cfg).model_fields and getattr(cfg, "work_dir", None) is None:
+        return cfg.model_copy(update={"work_dir": str(stage_dir.with_name(stage_dir.name + ".work"))})
+    return cfg

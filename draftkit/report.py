@@ -1,0 +1,146 @@
+"""The run report: report.json, report.md (a table of metrics per stage) and PNG plots."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from draftkit.io import atomic_write_json, atomic_write_text
+
+# Metrics worth a column, by stage; anything else scalar is listed after them.
+_PREFERRED = {
+    "prune": ["dropped_layers", "layers_after", "params_after"],
+    "sparsify": ["method", "pattern", "overall_sparsity", "sparsity"],
+    "distill": ["acceptance_rate", "train_loss", "eval_loss"],
+    "export": ["format", "bytes", "bytes_dense", "ratio_to_dense"],
+    "eval": ["mean_recovery", "metrics", "recovery"],
+    "spec": ["mal", "mean_accepted_length", "expected_speedup", "cost_ratio"],
+}
+_SKIP = {"output", "stage", "total_seconds", "seconds", "plot"}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in list(v.items())[:6])
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v[:8]) + (", ..." if len(v) > 8 else "") + "]"
+    return str(v)
+
+
+def stage_metrics(stage: str, report: dict[str, Any], limit: int = 6) -> dict[str, str]:
+    """A few headline metrics of one stage's report, formatted for a table."""
+    keys = [k for k in _PREFERRED.get(stage, []) if k in report]
+    for k, v in report.items():
+        if len(keys) >= limit:
+            break
+        if k in keys or k in _SKIP or isinstance(v, (dict, list)) and len(str(v)) > 120:
+            continue
+        if isinstance(v, (int, float, str, bool)) or (isinstance(v, (list, dict)) and len(v) <= 8):
+            keys.append(k)
+    return {k: _fmt(report[k]) for k in keys[:limit]}
+
+
+def to_markdown(run_report: dict[str, Any]) -> str:
+    lines = [
+        f"# draftkit run: {run_report['recipe']}",
+        "",
+        f"- model: `{run_report['model']}`",
+        f"- final model: `{run_report['final_model']}`",
+        f"- total time: {run_report['seconds']:.1f} s",
+        "",
+        "| # | stage | status | time (s) | metrics |",
+        "|---|---|---|---:|---|",
+    ]
+    for i, s in enumerate(run_report["stages"]):
+        m = "; ".join(f"{k}: {v}" for k, v in stage_metrics(s["stage"], s.get("report") or {}).items())
+        status = s["status"] + (" (skipped, unchanged)" if s.get("skipped") else "")
+        secs = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else ""
+        lines.append(f"| {i} | {s['stage']} | {status} | {secs} | {m.replace('|', '/')} |")
+    if run_report.get("gate_failures"):
+        lines += ["", "**Quality gate failed:** " + "; ".join(run_report["gate_failures"])]
+    if run_report.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).relative_to(run_report['output'])})" for p in run_report["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _layer_sparsity_from_modules(modules: dict[str, float]) -> list[float]:
+    per: dict[int, list[float]] = {}
+    for name, sp in modules.items():
+        m = re.search(r"\.(\d+)\.", name)
+        if m:
+            per.setdefault(int(m.group(1)), []).append(float(sp))
+    return [sum(v) / len(v) for _, v in sorted(per.items())]
+
+
+def make_plots(run_report: dict[str, Any], out: Path) -> list[str]:
+    """Layer distances (prune), per-layer sparsity (sparsify), recovery per task (eval), when matplotlib is present."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    from draftkit.plots import plot_block_distances, plot_series
+
+    made = []
+    for s in run_report["stages"]:
+        r = s.get("report") or {}
+        if s["stage"] == "prune" and r.get("block_distances"):
+            made.append(plot_block_distances(r, out / "plots" / "layer_distances.png"))
+        if s["stage"] == "sparsify":
+            modules = r.get("per_module_sparsity") or r.get("modules") or {}
+            if isinstance(modules, dict) and modules:
+                values = {k: (v.get("sparsity") if isinstance(v, dict) else v) for k, v in modules.items()}
+                per_layer = _layer_sparsity_from_modules({k: v for k, v in values.items() if isinstance(v, (int, float))})
+                if per_layer:
+                    made.append(plot_series(per_layer, out / "plots" / "layer_sparsity.png", title="sparsity per layer",
+                                            xlabel="decoder layer", ylabel="sparsity of linear weights"))
+        if s["stage"] == "eval":
+            rec = r.get("recovery")
+            if isinstance(rec, dict) and rec:
+                items = [(k, v) for k, v in rec.items() if isinstance(v, (int, float))]
+                if items:
+                    made.append(_bar(items, out / "plots" / "recovery.png"))
+    return [str(p) for p in made]
+
+
+def _bar(items: list[tuple[str, float]], path: Path) -> Path:
+    from draftkit.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.bar([k for k, _ in items], [v for _, v in items])
+    ax.axhline(1.0, color="gray", linestyle="--")
+    ax.set_ylabel("recovery (draft / baseline)")
+    ax.set_title("quality recovery per metric")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_run_report(run_report: dict[str, Any], out: Path) -> None:
+    run_report["plots"] = make_plots(run_report, out)
+    atomic_write_json(out / "report.json", run_report)
+    atomic_write_text(out / "report.md", to_markdown(run_report))
+
+
+def render(run_report: dict[str, Any]) -> None:
+    """Print the run's table with rich."""
+    from rich.table import Table
+
+    from draftkit import console
+
+    t = Table(title=f"draftkit run: {run_report['recipe']}")
+    for col in ("#", "stage", "status", "time (s)", "metrics"):
+        t.add_column(col, overflow="fold")
+    for i, s in enumerate(run_report["stages"]):
+        m = "\n".join(f"{k}: {v}" for k, v in stage_metrics(s["stage"], s.get("report") or {}).items())
+        secs = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else ""
+        t.add_row(str(i), s["stage"], s["status"] + (" (skipped)" if s.get("skipped") else ""), secs, m)
+    console.out.print(t)
+    console.out.print(f"final model: {run_report['final_model']}; report: {Path(run_report['output']) / 'report.md'}")
+    for f in run_report.get("gate_failures", []):
+        console.out.print(f"[red]quality gate failed[/red]: {f}")

@@ -1,0 +1,422 @@
+"""The sparsify stage's driver: sequential, one decoder layer at a time, linears in execution order.
+
+1. Capture: every decoder layer is temporarily replaced by a stub that records all the positional and
+   keyword arguments it receives (position embeddings, its own attention mask — sliding-window layers get
+   a different one —, position ids, cache positions...) and passes the hidden states through; one cheap
+   model forward per chunk of calibration tokens records the first layer's input and every layer's
+   arguments, without running any layer.
+2. Per layer, one forward over the calibration tokens with a forward pre-hook on each targeted linear.
+   When a linear is called, the input it receives is the one the *already pruned* earlier linears of this
+   layer produce (GPTQ's "true sequential" order): the hook accumulates H = 2/n Σ x xᵀ from that input,
+   factors H⁻¹ once, prunes the linear, and lets the forward continue with the pruned weight. Linears
+   called with the very same input tensor (q/k/v; gate/up) reuse that Hessian and factor. The layer's
+   output is the next layer's input: each layer runs once.
+3. When all tokens of one layer do not fit in memory at once (``chunk_tokens``), the linears are
+   processed group by group: for each group, a forward over every chunk accumulates its Hessian and
+   stops right after the group's input is known; then the group is pruned; a last forward produces the
+   layer's outputs.
+
+Only one layer's activations and one Hessian are alive at a time. All maths is float32.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from draftkit import console
+from draftkit.data import calibration_samples, model_max_length
+from draftkit.errors import DataError, InvalidInputError
+from draftkit.modeling import decoder, decoder_layers, text_config
+from draftkit.sparsify.baselines import magnitude_mask, wanda_mask
+from draftkit.sparsify.config import SparsifyConfig
+from draftkit.sparsify.masks import model_sparsity, target_linears
+from draftkit.sparsify.sparsegpt import (
+    PRECISION,
+    InverseHessian,
+    accumulate_hessian,
+    inverse_hessian_cholesky,
+    make_empty_hessian,
+    reconstruction_error,
+    sparsegpt_prune,
+)
+
+
+class _Stop(Exception):
+    """Raised inside a forward to end it early (capture, or a group's Hessian is complete)."""
+
+
+@dataclass
+class LayerInputs:
+    """What the decoder layers receive: hidden states per chunk, and each layer's other arguments per chunk."""
+
+    hidden: list[torch.Tensor]
+    args: list[list[tuple[tuple, dict[str, Any]]]]  # [layer][chunk] -> (extra positional args, kwargs)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor]) -> LayerInputs:
+    """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids.
+
+    The layers are stubbed out (identity on the hidden states), so this costs an embedding lookup and
+    the mask/rotary set-up per chunk, not a forward.
+    """
+    layers = decoder_layers(model)
+    base = decoder(model)
+    hidden: list[torch.Tensor] = []
+    args: list[list] = [[] for _ in layers]
+    originals = []
+
+    def stub(idx):
+        def forward(*a, **kw):
+            h = a[0] if a else kw.pop("hidden_states")
+            rest = a[1:]
+            if idx == 0:
+                hidden.append(h.detach())
+            args[idx].append((rest, dict(kw)))
+            if idx == len(layers) - 1:
+                raise _Stop
+            return h
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        originals.append(layer.__dict__.get("forward"))
+        layer.forward = stub(i)
+    device = next(model.parameters()).device
+    try:
+        for ids in chunks:
+            try:
+                base(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer, orig in zip(layers, originals, strict=True):
+            if orig is None:
+                del layer.forward
+            else:
+                layer.forward = orig
+    return LayerInputs(hidden, args)
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class _Group:
+    """Linears reading one input tensor, with the Hessian and factor they share."""
+
+    H: torch.Tensor | None = None
+    tokens: int = 0
+    inv: InverseHessian | None = None
+    members: list[str] = field(default_factory=list)
+    # The input tensor itself: linears sharing a group are called with this very object. Holding the
+    # reference keeps it alive, so a later input can never reuse its memory and be mistaken for it.
+    x: torch.Tensor | None = None
+
+
+class LayerPruner:
+    """Prunes the targeted linears of one decoder layer from the Hessians of their inputs."""
+
+    def __init__(self, cfg: SparsifyConfig, names: dict[nn.Module, str], report: dict[str, Any], bar):
+        self.cfg = cfg
+        self.names = names
+        self.report = report
+        self.bar = bar
+        self.pruned: set[str] = set()
+
+    def prune(self, lin: nn.Linear, group: _Group) -> None:
+        cfg = self.cfg
+        name = self.names[lin]
+        if self.bar is not None:
+            self.bar.update(0, status=name)
+        t0 = time.perf_counter()
+        W = lin.weight.detach()
+        n_m = cfg.nm or (0, 0)
+        if cfg.method == "sparsegpt":
+            if group.inv is None:
+                group.inv = inverse_hessian_cholesky(group.H, cfg.dampening)
+                if group.inv.retries:
+                    console.warn(
+                        f"{name}: Cholesky failed, retried with dampening {group.inv.dampening:g} "
+                        f"(asked {cfg.dampening:g})"
+                    )
+            W_new, mask, _ = sparsegpt_prune(
+                W, group.inv, sparsity=cfg.target_sparsity, prune_n=n_m[0], prune_m=n_m[1], block_size=cfg.block_size
+            )
+        else:
+            if cfg.method == "wanda":
+                mask = wanda_mask(W, torch.diag(group.H), sparsity=cfg.target_sparsity, prune_n=n_m[0], prune_m=n_m[1])
+            else:
+                mask = magnitude_mask(W, sparsity=cfg.target_sparsity, prune_n=n_m[0], prune_m=n_m[1])
+            W_new = W.to(PRECISION) * ~mask.to(W.device)
+        entry: dict[str, Any] = {"shape": list(W.shape)}
+        if group.H is not None:
+            entry["rel_error"] = reconstruction_error(W, W_new, group.H)
+        if cfg.method == "sparsegpt" and group.inv is not None and group.inv.retries:
+            entry["dampening"] = group.inv.dampening
+        lin.weight.data.copy_(W_new.to(device=lin.weight.device, dtype=lin.weight.dtype))
+        entry["sparsity"] = float((lin.weight == 0).sum().item()) / lin.weight.numel()
+        entry["seconds"] = round(time.perf_counter() - t0, 4)
+        self.report[name] = entry
+        self.pruned.add(name)
+        if self.bar is not None:
+            self.bar.update(1, status=name)
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[tuple, dict]) -> torch.Tensor:
+    rest, kw = args
+    return _layer_output(layer(hidden, *rest, **kw))
+
+
+@torch.no_grad()
+def prune_layer_single_pass(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, hidden, args):
+    """All calibration tokens in one forward: prune each linear inside it, in execution order."""
+    state = {"group": None}
+
+    def hook(lin):
+        def fn(module, inputs):
+            name = pruner.names[module]
+            if name in pruner.pruned:
+                return None
+            x = inputs[0]
+            group = state["group"]
+            if group is None or group.x is not x:
+                group = _Group(x=x)
+                group.H, group.tokens = accumulate_hessian(
+                    make_empty_hessian(x.shape[-1], device=module.weight.device), x, 0
+                )
+                state["group"] = group  # the previous group's Hessian is freed here
+            group.members.append(name)
+            pruner.prune(module, group)
+            return None
+
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(lin)) for lin in targets.values()]
+    try:
+        out = _run_layer(layer, hidden[0], args[0])
+    finally:
+        for h in handles:
+            h.remove()
+        state["group"] = None
+    return [out]
+
+
+@torch.no_grad()
+def _collect_next_group(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, hidden, args):
+    """One forward over every chunk, stopped once the next unpruned group's input has been seen;
+    returns that group (its members and the Hessian of their shared input) and its modules."""
+    group = _Group()
+    modules: list[nn.Linear] = []
+    state = {"chunk": 0}
+
+    def hook(module, inputs):
+        name = pruner.names[module]
+        if name in pruner.pruned:
+            return None
+        x = inputs[0]
+        if state["chunk"] == 0:
+            if not group.members:
+                group.x = x
+                group.H = make_empty_hessian(x.shape[-1], device=module.weight.device)
+            elif group.x is not x:
+                raise _Stop
+            if name not in group.members:
+                group.members.append(name)
+                modules.append(module)
+            if name != group.members[0]:
+                return None
+        elif name not in group.members:
+            raise _Stop
+        elif name != group.members[0]:
+            return None
+        group.H, group.tokens = accumulate_hessian(group.H, x, group.tokens)
+        return None
+
+    handles = [lin.register_forward_pre_hook(hook) for lin in targets.values()]
+    try:
+        for c in range(len(hidden)):
+            state["chunk"] = c
+            try:
+                _run_layer(layer, hidden[c], args[c])
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    group.x = None
+    return group, modules
+
+
+@torch.no_grad()
+def prune_layer_chunked(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, hidden, args):
+    """Several chunks: per group of linears, one (early-stopped) forward over all chunks, then prune."""
+    while True:
+        group, modules = _collect_next_group(layer, targets, pruner, hidden, args)
+        if not group.members:
+            break
+        for module in modules:
+            pruner.prune(module, group)
+    return [_run_layer(layer, hidden[c], args[c]) for c in range(len(hidden))]
+
+
+def _auto_chunk_tokens(model: nn.Module, seqlen: int) -> int:
+    """Tokens per forward so that one layer's activations stay within a quarter of the machine's memory."""
+    cfg = text_config(model)
+    hidden = getattr(cfg, "hidden_size", 4096)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", 32)
+    # ~10 hidden-wide and 3 intermediate-wide float32 tensors per token, plus eager attention scores.
+    per_token = 4 * (10 * hidden + 3 * inter + 2 * heads * seqlen)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    return max(seqlen, int(total * 0.25 / per_token))
+
+
+def _chunks(samples: list[torch.Tensor], chunk_tokens: int) -> list[torch.Tensor]:
+    seqlen = len(samples[0])
+    per = max(1, chunk_tokens // seqlen)
+    return [torch.stack(samples[i : i + per]) for i in range(0, len(samples), per)]
+
+
+def calibration_chunks(model, tokenizer, cfg: SparsifyConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Equal-length calibration sequences, batched into chunks of at most ``chunk_tokens`` tokens.
+
+    Raises:
+        DataError: the data does not fill one sequence of ``seqlen`` tokens.
+    """
+    max_len = model_max_length(model)
+    seqlen = min(cfg.calib.seqlen, max_len) if max_len else cfg.calib.seqlen
+    samples = calibration_samples(tokenizer, cfg.calib, max_len=max_len)
+    full = [s for s in samples if len(s) == seqlen]
+    if not full:
+        have = sum(len(s) for s in samples)
+        raise DataError(
+            f"calibration data {cfg.calib.path or 'default'} holds {have} tokens, fewer than one sequence of "
+            f"{seqlen}: give more data or a smaller --seqlen"
+        )
+    chunk_tokens = cfg.chunk_tokens or _auto_chunk_tokens(model, seqlen)
+    chunks = _chunks(full, chunk_tokens)
+    info = {
+        "samples": len(full),
+        "seqlen": seqlen,
+        "tokens": len(full) * seqlen,
+        "chunks": len(chunks),
+        "dropped_short_samples": len(samples) - len(full),
+    }
+    return chunks, info
+
+
+def sparsify_model(model: nn.Module, tokenizer, cfg: SparsifyConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Sparsify the decoder linears of ``model`` in place as ``cfg`` says; return it with a report.
+
+    Raises:
+        InvalidInputError: ``targets``/``ignore`` match no linear, or N:M does not fit a targeted width.
+        DataError: the calibration data is unusable.
+    """
+    return sparsify_with_tokens(model, cfg, None, tokenizer=tokenizer)
+
+
+def sparsify_with_tokens(
+    model: nn.Module, cfg: SparsifyConfig, chunks: list[torch.Tensor] | None, *, tokenizer=None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`sparsify_model` on given calibration token chunks (``[batch, seqlen]`` LongTensors), or on
+    ``cfg.calib`` read with ``tokenizer`` when ``chunks`` is None."""
+    t0 = time.perf_counter()
+    targets = target_linears(model, cfg.targets, cfg.ignore)
+    if not targets:
+        raise InvalidInputError(
+            f"--targets {cfg.targets!r} / --ignore {cfg.ignore!r} match no linear layer inside the decoder layers"
+        )
+    nm = cfg.nm
+    if nm is not None:
+        bad = [n for n, lin in targets.items() if lin.in_features % nm[1]]
+        if bad:
+            raise InvalidInputError(
+                f"pattern {cfg.pattern}: M={nm[1]} does not divide the input width of {bad[0]} "
+                f"({targets[bad[0]].in_features}); choose another M or --ignore it"
+            )
+    sparsity = cfg.target_sparsity
+    before = model_sparsity(model, cfg.targets, cfg.ignore)["overall"]
+    if before >= sparsity and before > 0:
+        console.warn(f"the targeted weights are already {before:.1%} sparse, more than the {sparsity:.1%} asked")
+
+    names = {lin: name for name, lin in targets.items()}
+    modules_report: dict[str, Any] = {}
+    report: dict[str, Any] = {
+        "stage": "sparsify",
+        "method": cfg.method,
+        "pattern": cfg.pattern,
+        "target_sparsity": sparsity,
+        "sparsity_before": before,
+    }
+    layers = decoder_layers(model)
+    per_layer = [{n: lin for n, lin in targets.items() if any(lin is m for m in layer.modules())} for layer in layers]
+
+    with console.status_bar(f"sparsify ({cfg.method})", total=len(targets)) as bar:
+        pruner = LayerPruner(cfg, names, modules_report, bar)
+        if cfg.method == "magnitude":
+            for layer_targets in per_layer:
+                for lin in layer_targets.values():
+                    pruner.prune(lin, _Group())
+            report["calibration"] = None
+        else:
+            if chunks is None:
+                chunks, report["calibration"] = calibration_chunks(model, tokenizer, cfg)
+            else:
+                report["calibration"] = {"samples": sum(len(c) for c in chunks), "seqlen": chunks[0].shape[1],
+                                         "tokens": sum(c.numel() for c in chunks), "chunks": len(chunks)}
+            inputs = capture_layer_inputs(model, chunks)
+            hidden = inputs.hidden
+            single = len(hidden) == 1
+            report["passes_per_layer"] = "1" if single else "groups + 1 (chunked)"
+            for i, layer in enumerate(layers):
+                if per_layer[i]:
+                    fn = prune_layer_single_pass if single else prune_layer_chunked
+                    hidden = fn(layer, per_layer[i], pruner, hidden, inputs.args[i])
+                else:
+                    hidden = [_run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))]
+                inputs.args[i] = []  # free this layer's masks and position embeddings
+            del hidden, inputs
+        missed = [n for n in targets if n not in pruner.pruned]
+        for lin_name in missed:  # never called in a forward: fall back to magnitude
+            console.warn(f"{lin_name} was not called during the calibration forward; pruned by magnitude")
+            pruner.prune(targets[lin_name], _Group())
+
+    after = model_sparsity(model, cfg.targets, cfg.ignore)
+    errors = [m["rel_error"] for m in modules_report.values() if "rel_error" in m]
+    report.update(
+        modules=modules_report,
+        sparsity=after["overall"],
+        targeted_modules=len(targets),
+        mean_rel_error=(sum(errors) / len(errors)) if errors else None,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return model, report
+
+
+def check_sparsify(hf_config, cfg: SparsifyConfig) -> None:
+    """Before the weights load: an N:M pattern whose M does not divide the model's widths fails fast.
+
+    Only the default targets (every decoder linear) are checked here; with ``targets``/``ignore`` the
+    check runs on the real modules in :func:`sparsify_model`.
+    """
+    nm = cfg.nm
+    if nm is None or cfg.targets or cfg.ignore:
+        return
+    tc = text_config(hf_config)
+    for key in ("hidden_size", "intermediate_size"):
+        width = getattr(tc, key, None)
+        if isinstance(width, int) and width % nm[1]:
+            raise InvalidInputError(
+                f"pattern {cfg.pattern}: M={nm[1]} does not divide the model's {key} ({width}); choose another M"
+            )
