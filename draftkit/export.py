@@ -498,8 +498,8 @@ def model_card(out: Path, fmt: str, report: dict[str, Any]) -> str:
             "and recent vLLM no longer reads the format. Use:",
             "",
             "```",
-            LOAD_HINT.format(out=out),
-            SERVE_HINT.format(out=out),
+            LOAD_HINT.format(out=out.name),
+            SERVE_HINT.format(out=out.name),
             "```",
         ]
     else:

@@ -137,6 +137,14 @@ def load_model(
 
     _sync_progress_bars()
     ref = resolve_model_ref(name)
+    from draftkit.export import is_sparse_checkpoint
+
+    if ref.local and is_sparse_checkpoint(ref.location):
+        # draftkit's sparse-bitmask export: decompressed in memory (transformers 5 cannot read it).
+        from draftkit.export import load_model as load_sparse
+
+        model = load_sparse(ref.location, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return model, (load_tokenizer(name, trust_remote_code=trust_remote_code) if with_tokenizer else None)
     config = load_config(name, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(

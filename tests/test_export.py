@@ -178,3 +178,19 @@ def test_import_draftkit_stays_light():
     code = "import sys, draftkit; assert 'torch' not in sys.modules, 'torch imported'; print(callable(draftkit.load_model))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_stages_registered_with_strict_configs():
+    from pydantic import ValidationError
+
+    from draftkit.stages import stages
+
+    reg = stages()
+    assert reg["export"].save is not None and callable(reg["export"].save)
+    assert reg["eval"].save == "report" and reg["spec"].save == "report"
+    for name, good in (("export", {}), ("eval", {"tasks": ["tiny-arith"]}), ("spec", {"target": "t", "prompts": "p"})):
+        reg[name].config(**good)
+        with pytest.raises(ValidationError):
+            reg[name].config(**good, unknown_setting=1)
+    with pytest.raises(ValidationError):
+        reg["spec"].config(target="t", prompts="p", k=0)

@@ -114,3 +114,45 @@ def test_spec_bad_input_one_line(case, tiny_llama, tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error:")
     expected = {"k0": "k:", "empty": "empty", "nocolumn": "no prompt column", "missing": "does not exist"}[case]
     assert expected in result.output
+
+
+def test_spec_output_equals_transformers_generate(target, other_draft, cross_draft):
+    """The reference here is transformers' own greedy generate, not draftkit's loop."""
+    import torch
+
+    from draftkit.evaluate.spec import (
+        SameVocabProposer,
+        TextProposer,
+        _Timer,
+        encode_prompt,
+        speculative_generate,
+    )
+
+    model, tok = target
+    text = tok.apply_chat_template([{"role": "user", "content": make_rows(1, seed=21)[0]["question"]}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = encode_prompt(tok, text)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    draft = AutoModelForCausalLM.from_pretrained(other_draft).eval()
+    res = speculative_generate(model, SameVocabProposer(draft, _Timer()), ids, k=3, max_new_tokens=24)
+    assert res["tokens"] == ref
+    xdraft = AutoModelForCausalLM.from_pretrained(cross_draft).eval()
+    proposer = TextProposer(xdraft, _Timer(), AutoTokenizer.from_pretrained(cross_draft), tok, text, len(ids))
+    assert speculative_generate(model, proposer, ids, k=3, max_new_tokens=24)["tokens"] == ref
+
+
+def test_no_text_fallback_for_a_tokenizer_with_unknown_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from draftkit.errors import InvalidInputError
+    from draftkit.evaluate.spec import check_text_fallback
+
+    word = Tokenizer(models.WordLevel({"<unk>": 0, "Tom": 1, "has": 2}, unk_token="<unk>"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word, unk_token="<unk>")
+    check_text_fallback(tok, ["Tom has"])  # representable: fine
+    with pytest.raises(InvalidInputError, match="no text fallback"):
+        check_text_fallback(tok, ["Tom has 3 apples"])

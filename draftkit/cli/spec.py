@@ -34,6 +34,7 @@ def spec(
     limit: Annotated[int | None, typer.Option("--limit", help="use at most this many prompts")] = None,
     mode: Annotated[str, typer.Option("--mode", help="auto | same (shared vocabulary) | text (re-tokenize through text)")] = "auto",
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="render prompts with the target's chat template")] = True,
+    stop_at_eos: Annotated[bool, typer.Option("--stop-at-eos/--no-stop-at-eos", help="stop a prompt at the target's end-of-sequence token")] = True,
     check_lossless: Annotated[bool, typer.Option("--check-lossless/--no-check-lossless", help="compare with the target's own greedy output")] = True,
     output: ReportOutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -53,7 +54,7 @@ def spec(
     """
     console.set_quiet(quiet)
     cfg = build(SpecConfig, target=target, prompts=prompts, k=k, max_new_tokens=max_new_tokens, limit=limit, mode=mode,
-                chat=chat, check_lossless=check_lossless)
+                chat=chat, stop_at_eos=stop_at_eos, check_lossless=check_lossless)
     load = build(LoadConfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     run_report_stage("spec", draft, cfg, output=output, load=load, overwrite=overwrite, as_json=json, render=_render)
 

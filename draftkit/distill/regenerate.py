@@ -409,11 +409,14 @@ def regenerate(cfg: DistillConfig, out_dir: str | os.PathLike, *, device: str | 
                        trust_remote_code=trust_remote_code, teacher=teacher)
     if not path.exists():
         raise DataError(f"no rows were generated into {path}")
-    rows = read_done_rows(path)
-    wanted = {e.id for e in examples}
-    rows = sorted((r for r in rows if r["id"] in wanted), key=lambda r: r["index"])
+    all_rows = sorted(read_done_rows(path), key=lambda r: r["index"])
     if todo:  # leave the finished file in dataset order
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rows))
+    wanted = {e.id for e in examples}
+    rows = [r for r in all_rows if r["id"] in wanted]
+    if len(rows) < len(all_rows):
+        console.warn(f"{path} also holds {len(all_rows) - len(rows)} rows of another selection of the data "
+                     "(e.g. a larger --limit); they are kept, and training on this file uses them too")
     accepted = sum(r["accepted"] for r in rows)
     reasons: dict[str, int] = {}
     for r in rows:

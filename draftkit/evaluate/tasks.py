@@ -95,7 +95,9 @@ def perplexity(model, tokenizer, path: str | Path, *, seqlen: int = 1024, stride
     """
     path = Path(path)
     text = _text_of(path, tokenizer)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))  # a chat template may already write the BOS
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special)["input_ids"][0]
     if max_tokens:
         ids = ids[:max_tokens]
     if len(ids) < 2:

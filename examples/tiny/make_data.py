@@ -37,8 +37,9 @@ import re
 from typing import Optional
 
 SEED = 1234
-MAX_VALUE = 200
-MAX_OPERAND = 50
+MAX_VALUE = 150
+MAX_START = 50     # plain opening count
+MAX_OPERAND = 30   # operand of a + or - step
 
 # name -> pronoun
 NAMES = {
@@ -98,7 +99,7 @@ def make_problem(rng: random.Random) -> dict:
     name = rng.choice(sorted(NAMES))
     pron = NAMES[name]
     obj, container = rng.choice(OBJECTS)
-    n_steps = rng.choices([1, 2, 3], weights=[3, 4, 3])[0]
+    n_steps = rng.choices([1, 2, 3], weights=[4, 4, 2])[0]
 
     q_parts: list[str] = []
     a_parts: list[str] = []
@@ -106,13 +107,13 @@ def make_problem(rng: random.Random) -> dict:
     # Opening: either a plain count or a product ("a containers with b each").
     if rng.random() < 0.3:
         a = rng.randint(2, 9)
-        b = rng.randint(2, 12)
+        b = rng.randint(2, 10)
         value = a * b
         q_parts.append(f"{name} has {a} {container} with {b} {obj} in each.")
         a_parts.append(f"{name} starts with {a} * {b} = {value} {obj}.")
         n_ops = n_steps - 1
     else:
-        value = rng.randint(1, MAX_OPERAND)
+        value = rng.randint(1, MAX_START)
         q_parts.append(f"{name} has {value} {obj}.")
         a_parts.append(f"{name} starts with {value} {obj}.")
         n_ops = n_steps

@@ -54,14 +54,19 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=1024,
                    help="BPE vocab target (the trained vocab may be smaller)")
     # optimisation
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--max-steps", type=int, default=100000)
-    p.add_argument("--time-budget", type=float, default=540.0,
+    p.add_argument("--time-budget", type=float, default=720.0,
                    help="wall-clock seconds for the training loop (0 = no limit)")
+    p.add_argument("--prompt-loss-weight", type=float, default=0.0,
+                   help="loss weight of prompt (question) tokens; 0 = assistant tokens only")
+    p.add_argument("--bf16", type=int, default=1,
+                   help="1 = bf16 autocast for the forward pass (weights and optimizer "
+                        "stay float32; ~25%% faster on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--max-train-rows", type=int, default=0, help="0 = all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
@@ -83,9 +88,15 @@ def encode_rows(tok, rows):
 
     Labels are -100 on the prompt so only assistant tokens carry loss.
     """
-    prompts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}],
-                                       add_generation_prompt=True, tokenize=False)
-               for r in rows]
+    # Render the chat template once around a marker instead of 40k Jinja calls.
+    marker = "\x00QUESTION\x00"
+    head, tail = tok.apply_chat_template(
+        [{"role": "user", "content": marker}],
+        add_generation_prompt=True, tokenize=False).split(marker)
+    prompts = [head + r["question"] + tail for r in rows]
+    assert prompts[0] == tok.apply_chat_template(
+        [{"role": "user", "content": rows[0]["question"]}],
+        add_generation_prompt=True, tokenize=False)
     p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
     a_ids = tok([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
     out = []
@@ -166,6 +177,9 @@ def main(argv=None):
         initializer_range=0.02,
     )
     model = LlamaForCausalLM(config)
+    # eager attention is faster than sdpa for this tiny shape under bf16
+    # autocast on CPU; the saved config does not pin an implementation.
+    model.set_attn_implementation("eager")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.layers} layers, hidden {args.hidden}, "
           f"{n_params / 1e6:.3f}M params", flush=True)
@@ -197,12 +211,22 @@ def main(argv=None):
             for g in opt.param_groups:
                 g["lr"] = lr
             ids, labels, mask = collate(examples, batch, tok.pad_token_id)
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-            out.loss.backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            logits = logits.float()
+            loss_t = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                reduction="none").view_as(ids[:, 1:])
+            # weight 1 on assistant tokens, --prompt-loss-weight on the prompt,
+            # 0 on padding
+            is_answer = (labels[:, 1:] != -100).float()
+            weights = is_answer + args.prompt_loss_weight * (1 - is_answer) * mask[:, 1:]
+            train_loss = (loss_t * weights).sum() / weights.sum()
+            train_loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss = out.loss.item()
+            loss = ((loss_t * is_answer).sum() / is_answer.sum()).item()
             loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
             step += 1
             if step % args.log_every == 0:
@@ -215,6 +239,7 @@ def main(argv=None):
           f"final loss ema {loss_ema:.4f}", flush=True)
 
     model.eval()
+    model.set_attn_implementation("sdpa")
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
