@@ -11,7 +11,7 @@ from draftkit.io import atomic_write_json, atomic_write_text
 # Metrics worth a column, by stage; anything else scalar is listed after them.
 _PREFERRED = {
     "prune": ["dropped_layers", "layers_after", "params_after"],
-    "sparsify": ["method", "pattern", "overall_sparsity", "sparsity"],
+    "sparsify": ["method", "pattern", "sparsity", "mean_rel_error"],
     "distill": ["acceptance_rate", "train_loss", "eval_loss"],
     "export": ["format", "bytes", "bytes_dense", "ratio_to_dense"],
     "eval": ["mean_recovery", "metrics", "recovery"],

@@ -6,6 +6,7 @@ recipe's ``prune:`` step are the same code with the same settings.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,26 +48,22 @@ class Stage:
 
 def stages() -> dict[str, Stage]:
     """All stages by name, in pipeline order. Imports are lazy so ``draftkit --help`` stays fast."""
-    from draftkit.prune import PruneConfig, check_prune, prune_model
-
-    registry = {"prune": Stage("prune", PruneConfig, prune_model, check=check_prune)}
-    from draftkit.sparsify import SparsifyConfig, sparsify_model
-    from draftkit.sparsify.runner import check_sparsify
-
-    registry["sparsify"] = Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify)
+    from draftkit.distill import DistillConfig, check_distill, distill_model
     from draftkit.evaluate import EvalConfig, check_eval, eval_stage
     from draftkit.evaluate.spec import SpecConfig, check_spec, spec_stage
     from draftkit.export import ExportConfig, export_stage, write_export
+    from draftkit.prune import PruneConfig, check_prune, prune_model
+    from draftkit.sparsify import SparsifyConfig, sparsify_model
+    from draftkit.sparsify.runner import check_sparsify
 
-    registry["export"] = Stage("export", ExportConfig, export_stage, save=write_export)
-    registry["eval"] = Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval)
-    registry["spec"] = Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec)
-    from draftkit.distill import DistillConfig, check_distill, distill_model
-
-    registry["distill"] = Stage("distill", DistillConfig, distill_model, check=check_distill)
-    # Each further stage adds one block here: import its config and function, then
-    # registry["name"] = Stage("name", Config, function[, save=...]).
-    return registry
+    return {
+        "prune": Stage("prune", PruneConfig, prune_model, check=check_prune),
+        "sparsify": Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify),
+        "distill": Stage("distill", DistillConfig, distill_model, check=check_distill),
+        "export": Stage("export", ExportConfig, export_stage, save=write_export),
+        "eval": Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval),
+        "spec": Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec),
+    }
 
 
 def run_stage(
@@ -125,6 +122,9 @@ def execute_stage(
     model, report = stage.run(model, tokenizer, cfg)
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
     provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
+    if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output
+        report["output"] = str(out)
+        return model, tokenizer, report
     if stage.save is None:
         save_model(model, tokenizer, out, provenance=provenance, overwrite=overwrite)
     elif stage.save == "report":
@@ -134,6 +134,17 @@ def execute_stage(
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
     return model, tokenizer, report
+
+
+def _is_main_process() -> bool:
+    """True unless this is a non-zero rank of a multi-process (accelerate/torchrun) launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    return state.is_main_process
 
 
 def raise_if_gate_failed(report: dict[str, Any]) -> None:

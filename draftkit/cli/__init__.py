@@ -25,18 +25,18 @@ app = typer.Typer(
 _COMMANDS = [
     ("draftkit.cli.prune", "prune", "prune"),
     ("draftkit.cli.sparsify", "sparsify", "sparsify"),
-    ("draftkit.cli.info", "inspect", "inspect"),
-    ("draftkit.cli.info", "models", "models"),
-    ("draftkit.cli.run", "run", "run"),
     ("draftkit.cli.export", "export", "export"),
     ("draftkit.cli.export", "decompress", "decompress"),
     ("draftkit.cli.evaluate", "evaluate", "eval"),
     ("draftkit.cli.spec", "spec", "spec"),
+    ("draftkit.cli.run", "run", "run"),
+    ("draftkit.cli.info", "inspect", "inspect"),
+    ("draftkit.cli.info", "models", "models"),
 ]
 # Sub-apps (typer groups): (module, attribute, name).
 _GROUPS: list[tuple[str, str, str]] = [
-    ("draftkit.cli.run", "recipes_app", "recipes"),
     ("draftkit.cli.distill", "app", "distill"),
+    ("draftkit.cli.run", "recipes_app", "recipes"),
 ]
 
 

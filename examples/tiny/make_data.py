@@ -37,9 +37,9 @@ import re
 from typing import Optional
 
 SEED = 1234
-MAX_VALUE = 150
+MAX_VALUE = 100
 MAX_START = 50     # plain opening count
-MAX_OPERAND = 30   # operand of a + or - step
+MAX_OPERAND = 20   # operand of a + or - step
 
 # name -> pronoun
 NAMES = {
@@ -107,7 +107,7 @@ def make_problem(rng: random.Random) -> dict:
     # Opening: either a plain count or a product ("a containers with b each").
     if rng.random() < 0.3:
         a = rng.randint(2, 9)
-        b = rng.randint(2, 10)
+        b = rng.randint(2, 9)
         value = a * b
         q_parts.append(f"{name} has {a} {container} with {b} {obj} in each.")
         a_parts.append(f"{name} starts with {a} * {b} = {value} {obj}.")

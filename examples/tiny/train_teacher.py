@@ -55,12 +55,12 @@ def parse_args(argv=None):
                    help="BPE vocab target (the trained vocab may be smaller)")
     # optimisation
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--max-steps", type=int, default=100000)
-    p.add_argument("--time-budget", type=float, default=720.0,
+    p.add_argument("--time-budget", type=float, default=600.0,
                    help="wall-clock seconds for the training loop (0 = no limit)")
     p.add_argument("--prompt-loss-weight", type=float, default=0.0,
                    help="loss weight of prompt (question) tokens; 0 = assistant tokens only")
