@@ -110,7 +110,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
         atomic_write_json(out / MANIFEST, manifest)
         t0 = time.perf_counter()
         try:
-            cfg = _with_run_defaults(step.config, stage_dir)
+            cfg = _with_run_defaults(step.config, stage_dir, step.config_hash())
             if stage.check is not None:
                 stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
             if in_memory is None or in_memory[2] != current:
@@ -161,8 +161,15 @@ def run(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     return run_report
 
 
-def _with_run_defaults(cfg, stage_dir: Path):
-    """Point a stage's working directory (where resumable intermediate files go) beside its output."""
+def _with_run_defaults(cfg, stage_dir: Path, config_hash: str):
+    """Point a stage's working directory (resumable intermediate files, e.g. regenerated rows) beside its
+    output, keyed by the stage's config: a rerun after a kill resumes there, a changed config starts afresh
+    (the other configs' folders are removed)."""
     if "work_dir" in type(cfg).model_fields and getattr(cfg, "work_dir", None) is None:
-        return cfg.model_copy(update={"work_dir": str(stage_dir.with_name(stage_dir.name + ".work"))})
+        root = stage_dir.with_name(stage_dir.name + ".work")
+        if root.is_dir():
+            for old in root.iterdir():
+                if old.name != config_hash:
+                    shutil.rmtree(old, ignore_errors=True)
+        return cfg.model_copy(update={"work_dir": str(root / config_hash)})
     return cfg

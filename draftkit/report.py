@@ -12,12 +12,13 @@ from draftkit.io import atomic_write_json, atomic_write_text
 _PREFERRED = {
     "prune": ["dropped_layers", "layers_after", "params_after"],
     "sparsify": ["method", "pattern", "sparsity", "mean_rel_error"],
-    "distill": ["acceptance_rate", "train_loss", "eval_loss"],
+    "distill": ["regenerate.acceptance_rate", "train.steps", "train.eval_loss_before", "train.eval_loss_after",
+                "train.zero_positions_changed"],
     "export": ["format", "bytes", "bytes_dense", "ratio_to_dense"],
     "eval": ["mean_recovery", "metrics", "recovery"],
-    "spec": ["mal", "mean_accepted_length", "expected_speedup", "cost_ratio"],
+    "spec": ["mal", "mode", "acceptance_by_position", "cost_ratio_latency", "expected_speedup_latency", "lossless"],
 }
-_SKIP = {"output", "stage", "total_seconds", "seconds", "plot"}
+_SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train"}
 
 
 def _fmt(v: Any) -> str:
@@ -32,7 +33,8 @@ def _fmt(v: Any) -> str:
 
 def stage_metrics(stage: str, report: dict[str, Any], limit: int = 6) -> dict[str, str]:
     """A few headline metrics of one stage's report, formatted for a table."""
-    keys = [k for k in _PREFERRED.get(stage, []) if k in report]
+    found = {k: v for k in _PREFERRED.get(stage, []) if (v := _lookup(report, k)) is not None}
+    keys = list(found)
     for k, v in report.items():
         if len(keys) >= limit:
             break
@@ -40,7 +42,16 @@ def stage_metrics(stage: str, report: dict[str, Any], limit: int = 6) -> dict[st
             continue
         if isinstance(v, (int, float, str, bool)) or (isinstance(v, (list, dict)) and len(v) <= 8):
             keys.append(k)
-    return {k: _fmt(report[k]) for k in keys[:limit]}
+    return {k: _fmt(found[k] if k in found else report[k]) for k in keys[:limit]}
+
+
+def _lookup(report: dict[str, Any], dotted: str) -> Any:
+    cur: Any = report
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
 
 
 def to_markdown(run_report: dict[str, Any]) -> str:

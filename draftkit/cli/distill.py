@@ -34,7 +34,7 @@ from draftkit.cli._common import (
 )
 from draftkit.distill.config import DistillConfig
 from draftkit.distill.regenerate import REPORT_FILE, ROWS_FILE
-from draftkit.distill.templates import DEFAULT_TEMPLATE, INSTRUCTION_ONLY_TEMPLATE
+from draftkit.distill.templates import resolve_template
 from draftkit.errors import InvalidInputError, OutputExistsError
 
 
@@ -104,16 +104,7 @@ CkptOpt = Annotated[bool, typer.Option("--checkpoints/--no-checkpoints", help="c
 
 
 def _template(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if value == "default":
-        return DEFAULT_TEMPLATE
-    if value == "instruction-only":
-        return INSTRUCTION_ONLY_TEMPLATE
-    path = Path(value)
-    if "{" not in value and path.is_file():
-        return path.read_text(encoding="utf-8")
-    return value
+    return None if value is None else resolve_template(value)
 
 
 def _rows_source(dataset: str | None) -> str | None:

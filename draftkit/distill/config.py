@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from draftkit.distill.templates import DEFAULT_TEMPLATE, check_template
+from draftkit.distill.templates import DEFAULT_TEMPLATE, check_template, resolve_template
 
 
 class DistillConfig(BaseModel):
@@ -75,6 +75,12 @@ class DistillConfig(BaseModel):
     eval_fraction: float = Field(0.02, ge=0, lt=0.5, description="held-out slice of the data for eval loss")
     seed: int = Field(0, description="seed for shuffling, the held-out slice, LoRA init and sampling")
     checkpoints: bool = Field(True, description="save a checkpoint each epoch in work_dir and resume from the last one")
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_by_name_or_file(cls, v):
+        """``default`` and ``instruction-only`` name the shipped templates; a path names a template file."""
+        return resolve_template(v)
 
     @field_validator("template")
     @classmethod

@@ -143,3 +143,19 @@ def accept(response: str, reference: str, *, finished: bool = True) -> tuple[boo
             return False, f"final answer {got} != {want}"
         return True, "final answer matches"
     return True, "accepted (no final answer to check)"
+
+
+def resolve_template(value):
+    """``"default"`` / ``"instruction-only"`` -> the shipped templates; an existing file path (with no
+    ``{``) -> its text; anything else is returned as is."""
+    if not isinstance(value, str):
+        return value
+    if value == "default":
+        return DEFAULT_TEMPLATE
+    if value == "instruction-only":
+        return INSTRUCTION_ONLY_TEMPLATE
+    from pathlib import Path
+
+    if "{" not in value and "\n" not in value and len(value) < 4096 and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    return value

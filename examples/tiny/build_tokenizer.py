@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast

@@ -68,7 +68,7 @@ def main(argv=None):
                                  eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
         gen = out[:, enc["input_ids"].shape[1]:]
-        for r, g in zip(chunk, gen):
+        for r, g in zip(chunk, gen, strict=True):
             n_eos += int((g == tok.eos_token_id).any())
             text = tok.decode(g, skip_special_tokens=True)
             pred, ref = extract_answer(text), extract_answer(r["answer"])

@@ -34,7 +34,6 @@ import json
 import os
 import random
 import re
-from typing import Optional
 
 SEED = 1234
 MAX_VALUE = 100
@@ -76,7 +75,7 @@ CONNECTORS = ["Then", "Later", "After that", "Next"]
 _ANSWER_RE = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
 
 
-def extract_answer(text: Optional[str]) -> Optional[str]:
+def extract_answer(text: str | None) -> str | None:
     """Return the number after the last ``####`` in *text* (commas stripped).
 
     Returns ``None`` when there is no ``####`` followed by a number.
@@ -171,7 +170,7 @@ def write_jsonl(path: str, rows: list) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(here, "data"),

@@ -100,7 +100,7 @@ def encode_rows(tok, rows):
     p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
     a_ids = tok([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
     out = []
-    for p, a in zip(p_ids, a_ids):
+    for p, a in zip(p_ids, a_ids, strict=True):
         a = a + [tok.eos_token_id]
         out.append((p + a, [-100] * len(p) + a))
     return out
