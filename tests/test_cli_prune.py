@@ -157,3 +157,12 @@ def test_prune_cli_options_match_config_fields():
         assert "--" + field.replace("_", "-") in opts, field
     for flag in ("--calib", "--samples", "--seqlen", "--split"):
         assert flag in opts
+
+
+def test_version_and_bare_help():
+    from draftkit import __version__
+
+    r = run("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"draftkit {__version__}"
+    r = runner.invoke(app, [])  # bare `draftkit` shows the help (click's usage exit code)
+    assert r.exit_code in (0, 2) and "prune" in r.output and "sparsify" in r.output and "Traceback" not in r.output

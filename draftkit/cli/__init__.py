@@ -47,14 +47,18 @@ def _register() -> None:
         app.add_typer(getattr(importlib.import_module(module), attr), name=name)
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", help="print the version and exit", is_eager=True),
 ) -> None:
     if version:
         from draftkit import __version__
 
         print(f"draftkit {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        print(ctx.get_help())
         raise typer.Exit(0)
 
 
