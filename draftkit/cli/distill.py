@@ -34,7 +34,6 @@ from draftkit.cli._common import (
 )
 from draftkit.distill.config import DistillConfig
 from draftkit.distill.regenerate import REPORT_FILE, ROWS_FILE
-from draftkit.distill.templates import resolve_template
 from draftkit.errors import InvalidInputError, OutputExistsError
 
 
@@ -103,10 +102,6 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 CkptOpt = Annotated[bool, typer.Option("--checkpoints/--no-checkpoints", help="checkpoint each epoch and resume")]
 
 
-def _template(value: str | None) -> str | None:
-    return None if value is None else resolve_template(value)
-
-
 def _rows_source(dataset: str | None) -> str | None:
     """A directory written by `distill regenerate` stands for its rows.jsonl."""
     if dataset and Path(dataset).is_dir() and (Path(dataset) / ROWS_FILE).is_file():
@@ -169,22 +164,16 @@ def run(
 
       draftkit distill pruned/ --dataset train.jsonl --no-regenerate -o sft-baseline   (plain SFT)
     """
-    from draftkit.stages import LoadConfig, run_stage
-
-    console.set_quiet(quiet)
-    out = output or default_output(student, "distill")
-    work = work_dir or out.with_name(out.name + "-work")
-    cfg = build(
-        DistillConfig, dataset=_rows_source(dataset), split=split, columns=columns, limit=limit, regenerate=regenerate,
-        teacher=teacher, template=_template(template), max_new_tokens=max_new_tokens, temperature=temperature,
+    _distill(
+        student, output=output, work_dir=work_dir, overwrite=overwrite, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, json=json, quiet=quiet,
+        dataset=dataset, split=split, columns=columns, limit=limit, regenerate=regenerate,
+        teacher=teacher, template=template, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, batch_size=batch_size, engine=engine, tensor_parallel=tensor_parallel, accept_filter=accept_filter,
-        work_dir=str(work), epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
+        epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
         weight_decay=weight_decay, train_batch_size=train_batch_size, grad_accum=grad_accum, max_length=max_length,
         lora_rank=lora_rank, lora_alpha=lora_alpha, eval_fraction=eval_fraction, seed=seed, checkpoints=checkpoints,
     )
-    load = build(LoadConfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    report = run_stage("distill", student, cfg, out=out, load=load, overwrite=overwrite)
-    emit(report, json, _render)
 
 
 @app.command("train")
@@ -227,17 +216,25 @@ def train(
 
       accelerate launch -m draftkit distill train pruned/ --dataset rows/ -o recovered   (several GPUs)
     """
+    _distill(
+        student, output=output, work_dir=work_dir, overwrite=overwrite, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, json=json, quiet=quiet,
+        dataset=dataset, split=split, columns=columns, limit=limit, regenerate=False,
+        epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
+        weight_decay=weight_decay, train_batch_size=train_batch_size, grad_accum=grad_accum, max_length=max_length,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, eval_fraction=eval_fraction, seed=seed, checkpoints=checkpoints,
+    )
+
+
+def _distill(student: str, *, output, work_dir, overwrite, dtype, device, trust_remote_code, json, quiet,
+             dataset, **settings) -> None:
+    """What `distill run` and `distill train` share: build the config, run the stage, print the report."""
     from draftkit.stages import LoadConfig, run_stage
 
     console.set_quiet(quiet)
     out = output or default_output(student, "distill")
     work = work_dir or out.with_name(out.name + "-work")
-    cfg = build(
-        DistillConfig, dataset=_rows_source(dataset), split=split, columns=columns, limit=limit, regenerate=False,
-        work_dir=str(work), epochs=epochs, max_steps=max_steps, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
-        weight_decay=weight_decay, train_batch_size=train_batch_size, grad_accum=grad_accum, max_length=max_length,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, eval_fraction=eval_fraction, seed=seed, checkpoints=checkpoints,
-    )
+    cfg = build(DistillConfig, dataset=_rows_source(dataset), work_dir=str(work), **settings)
     load = build(LoadConfig, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     report = run_stage("distill", student, cfg, out=out, load=load, overwrite=overwrite)
     emit(report, json, _render)
@@ -286,7 +283,7 @@ def regenerate_cmd(
         raise InvalidInputError("--teacher is required: the model that rewrites the responses")
     cfg = build(
         DistillConfig, dataset=dataset, split=split, columns=columns, limit=limit, teacher=teacher,
-        template=_template(template), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        template=template, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         batch_size=batch_size, engine=engine, tensor_parallel=tensor_parallel, accept_filter=accept_filter, seed=seed,
     )
     out = output or Path(f"{Path(str(dataset)).stem or 'dataset'}-regenerated")
