@@ -35,7 +35,10 @@ class EvalConfig(BaseModel):
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples for lm-eval tasks (task default if unset)")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many examples per task")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass / generate call")
-    ppl: str | None = Field(None, description="local .txt/.jsonl file to measure perplexity on (sliding windows)")
+    ppl: str | None = Field(
+        None, description="local .txt/.jsonl file to measure perplexity on (response tokens of chat rows; "
+        "sliding windows over plain text); streamed layer by layer from large checkpoints (--stream)"
+    )
     ppl_seqlen: int = Field(1024, ge=8, description="perplexity window length in tokens (capped by the context)")
     ppl_stride: int | None = Field(None, ge=1, description="perplexity window stride (default: half the window)")
     arith_data: str | None = Field(None, description="question/answer .jsonl for tiny-arith (default: the demo test split)")
@@ -145,8 +148,9 @@ def _file_hash(path: str) -> str:
 
 def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "cpu") -> tuple[dict, bool]:
     """The baseline's results, from the cache when ``cfg.cache`` and present; returns ``(results, cached)``."""
-    from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.evaluate.streamed import measure
     from draftkit.io import atomic_write_json
+    from draftkit.stages import LoadConfig
 
     file = _cache_file(cfg)
     if cfg.cache and file.is_file():
@@ -155,9 +159,7 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
         except (OSError, json.JSONDecodeError, KeyError):
             pass
     console.info(f"evaluating the baseline {cfg.baseline}")
-    model, tok = load_model_and_tokenizer(cfg.baseline, dtype=load_dtype, device=device)
-    results = run_tasks(model, tok, cfg)
-    del model
+    results = measure(cfg.baseline, cfg, LoadConfig.model_construct(dtype=load_dtype, device=device))  # as given
     if cfg.cache:
         try:
             atomic_write_json(file, {"baseline": cfg.baseline, "results": results})
@@ -166,14 +168,18 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
     return results, False
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu") -> dict[str, Any]:
-    """Run the tasks on ``model`` (and the baseline), compute recovery and the gate verdict."""
-    results = run_tasks(model, tokenizer, cfg)
+def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu", results: dict | None = None,
+             dtype: str | None = None) -> dict[str, Any]:
+    """Run the tasks on ``model`` (or take their ``results``, measured layer-streamed), evaluate the baseline
+    (in the model's dtype, or ``dtype``), compute recovery and the gate verdict."""
+    if results is None:
+        results = run_tasks(model, tokenizer, cfg)
     report: dict[str, Any] = {"tasks": results, "primary": {t: primary_metric(t, m) for t, m in results.items()}}
     for t, m in report["primary"].items():
         console.info(f"{t}: primary metric {m}")
     if cfg.baseline:
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if dtype is None:
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else "auto"
         base, cached = baseline_results(cfg, load_dtype=dtype, device=device)
         rec = {}
         for t, metrics in results.items():
