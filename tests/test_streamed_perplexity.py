@@ -129,18 +129,24 @@ def test_eval_ppl_cli_streams_a_sharded_checkpoint(tiny_llama, ppl_files, tmp_pa
     assert auto["tasks"]["perplexity"]["perplexity"] == on["tasks"]["perplexity"]["perplexity"]
 
 
-def test_stream_on_with_tasks_is_one_line(tiny_llama, ppl_files, tmp_path):
+def test_bad_streamed_eval_input_is_one_line(tiny_llama, ppl_files, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from draftkit import memory
+
     r = CliRunner().invoke(app, ["eval", str(tiny_llama), "--ppl", str(ppl_files["text"]), "--tasks", "tiny-arith",
                                  "--stream", "on", "-o", str(tmp_path / "rep")])
     assert r.exit_code == 2 and "--stream on streams eval --ppl alone" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "rep").exists()
+    d = tmp_path / "bin"  # a .bin checkpoint cannot be streamed
+    d.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(tiny_llama / "model.safetensors"), d / "pytorch_model.bin")
     with pytest.raises(InvalidInputError, match="needs a local safetensors checkpoint"):
-        d = tmp_path / "bin"
-        d.mkdir()
-        for f in tiny_llama.iterdir():
-            if f.suffix != ".safetensors":
-                (d / f.name).write_bytes(f.read_bytes())
-        from safetensors.torch import load_file
-
-        torch.save(load_file(tiny_llama / "model.safetensors"), d / "pytorch_model.bin")
         _ppl(d, ppl_files["text"], tmp_path, "on")
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 100 * 2**20)  # too large, and not streamable
+    with pytest.raises(InvalidInputError, match="not safetensors, so it cannot be streamed"):
+        _ppl(d, ppl_files["text"], tmp_path, "auto")
+    assert not (tmp_path / "auto").exists()
