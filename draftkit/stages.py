@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,12 +130,12 @@ def run_stage(
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
                 return report
         elif name == "eval":  # a perplexity-only evaluation streams by the same rule
-            from draftkit.evaluate.streamed import plan_eval, streamed_stage
+            from draftkit.evaluate import streamed_eval_stage
+            from draftkit.evaluate.streamed import plan_eval
 
             streamed, estimate, plan = plan_eval(model_name, cfg, load)
             if streamed:
-                assert estimate is not None and plan is not None
-                stage = streamed_stage(stage, model_name, load, estimate, plan)
+                stage = replace(stage, run=streamed_eval_stage(model_name, load, estimate, plan))
         if streamed:  # eval: the stage reads the checkpoint's shards itself
             model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
         else:

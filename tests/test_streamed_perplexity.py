@@ -150,3 +150,18 @@ def test_bad_streamed_eval_input_is_one_line(tiny_llama, ppl_files, tmp_path, mo
     with pytest.raises(InvalidInputError, match="not safetensors, so it cannot be streamed"):
         _ppl(d, ppl_files["text"], tmp_path, "auto")
     assert not (tmp_path / "auto").exists()
+
+
+def test_streamed_baseline_perplexity(tiny_models, ppl_files, tmp_path, monkeypatch):
+    """With --baseline, a perplexity-only evaluation measures the baseline by the same rule (streamed here)."""
+    from draftkit import checkpoint, streamed
+
+    def no_whole_model(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setenv("DRAFTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(streamed, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "load_model_and_tokenizer", no_whole_model)
+    src = tiny_models["gemma2"]
+    report = _ppl(src, ppl_files["chat"], tmp_path, "auto", baseline=str(src), min_recovery=0.999)
+    assert report["streamed"] and report["recovery"]["perplexity"] == 1.0 and report["gate"]["passed"]

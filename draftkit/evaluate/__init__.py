@@ -148,9 +148,9 @@ def _file_hash(path: str) -> str:
 
 def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "cpu") -> tuple[dict, bool]:
     """The baseline's results, from the cache when ``cfg.cache`` and present; returns ``(results, cached)``."""
-    from draftkit.evaluate.streamed import measure
+    from types import SimpleNamespace
+
     from draftkit.io import atomic_write_json
-    from draftkit.stages import LoadConfig
 
     file = _cache_file(cfg)
     if cfg.cache and file.is_file():
@@ -159,13 +159,49 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
         except (OSError, json.JSONDecodeError, KeyError):
             pass
     console.info(f"evaluating the baseline {cfg.baseline}")
-    results = measure(cfg.baseline, cfg, LoadConfig.model_construct(dtype=load_dtype, device=device))  # as given
+    # the settings of stages.LoadConfig that loading reads (stages imports this module, not the reverse)
+    load = SimpleNamespace(dtype=load_dtype, device=device, stream="auto", trust_remote_code=False)
+    results = measure(cfg.baseline, cfg, load)
     if cfg.cache:
         try:
             atomic_write_json(file, {"baseline": cfg.baseline, "results": results})
         except OSError as exc:
             console.warn(f"could not cache the baseline results in {file}: {exc}")
     return results, False
+
+
+def measure(model_name: str, cfg: EvalConfig, load) -> dict[str, dict[str, Any]]:
+    """:func:`run_tasks` on ``model_name`` loaded as ``load`` says; a perplexity-only evaluation is streamed
+    layer by layer by the rule of the other stages (:func:`draftkit.evaluate.streamed.plan_eval`)."""
+    from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.evaluate.streamed import plan_eval, streamed_perplexity
+    from draftkit.memory import announce_before_heavy_work
+
+    streamed, estimate, plan = plan_eval(model_name, cfg, load)
+    if streamed:
+        assert estimate is not None and plan is not None
+        return {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=load.dtype, device=load.device,
+                                                trust_remote_code=load.trust_remote_code)
+    if estimate is not None:
+        announce_before_heavy_work(estimate)
+    return run_tasks(model, tokenizer, cfg)
+
+
+def streamed_eval_stage(model_name: str, load, estimate, plan):
+    """The eval stage function when the perplexity is streamed from ``model_name``'s shards: it gets no model."""
+    from draftkit.evaluate.streamed import streamed_perplexity
+    from draftkit.streamed import estimate_facts
+
+    def run(_model, tokenizer, cfg: EvalConfig):
+        results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
+        dtype = load.dtype if load.dtype != "auto" else None
+        report = evaluate(None, tokenizer, cfg, device=load.device, results=results, dtype=dtype)
+        report["streamed"] = True
+        report["memory_estimate_gb"] = estimate_facts(estimate)
+        return None, report
+
+    return run
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu", results: dict | None = None,

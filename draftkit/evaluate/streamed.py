@@ -1,7 +1,8 @@
 """``draftkit eval --ppl`` on checkpoints read one decoder layer at a time.
 
 :func:`plan_eval` decides, before any weights load and by the rule the prune and sparsify stages follow
-(:func:`draftkit.streamed.choose_streaming`), whether a perplexity-only evaluation streams, and gives the
+(:func:`draftkit.streamed.choose_streaming`), whether a perplexity-only evaluation streams (the eval stage
+and the baseline then call :func:`streamed_perplexity`), and gives the
 memory estimate printed before the forward. :func:`layerwise_perplexity` then runs the perplexity of
 :mod:`draftkit.evaluate.perplexity` (the same batches, the same scored tokens) through the layer-wise
 driver: the model is a skeleton on the meta device; the embeddings are read to capture every layer's
@@ -13,14 +14,12 @@ Evaluations with ``--tasks`` (generation, lm-eval) need the whole model and stay
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from draftkit.console import track
 from draftkit.errors import InvalidInputError
-from draftkit.evaluate import PPL_TASK
 from draftkit.evaluate.perplexity import PerplexityPlan, plan_perplexity, scored_nll
 from draftkit.memory import MemoryEstimate, activation_device, announce_before_heavy_work, estimate_memory
 
@@ -121,36 +120,4 @@ def streamed_perplexity(model_name: str, load, estimate: MemoryEstimate, plan: P
     return layerwise_perplexity(source, plan)
 
 
-def streamed_stage(stage, model_name: str, load, estimate: MemoryEstimate, plan: PerplexityPlan):
-    """The eval stage with its perplexity streamed from ``model_name``'s shards (it gets no model)."""
-    from draftkit.evaluate import evaluate
-    from draftkit.streamed import estimate_facts
-
-    def run(_model, tokenizer, cfg):
-        results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
-        dtype = load.dtype if load.dtype != "auto" else None
-        report = evaluate(None, tokenizer, cfg, device=load.device, results=results, dtype=dtype)
-        report["streamed"] = True
-        report["memory_estimate_gb"] = estimate_facts(estimate)
-        return None, report
-
-    return replace(stage, run=run)
-
-
-def measure(model_name: str, cfg, load) -> dict[str, dict[str, Any]]:
-    """``run_tasks`` on ``model_name`` (a baseline): a perplexity-only evaluation streams by the usual rule."""
-    from draftkit.checkpoint import load_model_and_tokenizer
-    from draftkit.evaluate import run_tasks
-
-    streamed, estimate, plan = plan_eval(model_name, cfg, load)
-    if streamed:
-        assert estimate is not None and plan is not None
-        return {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=load.dtype, device=load.device,
-                                                trust_remote_code=load.trust_remote_code)
-    if estimate is not None:
-        announce_before_heavy_work(estimate)
-    return run_tasks(model, tokenizer, cfg)
-
-
-__all__ = ["layerwise_perplexity", "measure", "plan_eval", "streamed_perplexity", "streamed_stage"]
+__all__ = ["layerwise_perplexity", "plan_eval", "streamed_perplexity"]
