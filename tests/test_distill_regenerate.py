@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from draftkit.distill import DistillConfig, regenerate
 from draftkit.distill.regenerate import HFEngine, append_rows, read_done_rows
-from draftkit.errors import DataError
+from draftkit.errors import DataError, InvalidInputError
 from tests._helpers_distill import one_thread, sft_file
 from tests.conftest import make_rows
 
@@ -164,3 +164,33 @@ def test_vllm_engine_writes_same_rows(tiny_llama, sft_file, tmp_path):
     b = read_done_rows(tmp_path / "vllm" / "rows.jsonl")
     assert [set(r) for r in a] == [set(r) for r in b]
     assert [r["id"] for r in a] == [r["id"] for r in b]
+
+
+def test_stale_rows_are_never_reused(tiny_llama, sft_file, tmp_path, capsys):
+    """Rows made by another version of the teacher (same name, other weights) or with other generation settings
+    are an error in a user's folder and are regenerated, with one line saying why, in a work folder."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_llama, teacher)
+    cfg = DistillConfig(dataset=str(sft_file), teacher=str(teacher), max_new_tokens=4, batch_size=12)
+    out = tmp_path / "regen"
+    regenerate(cfg, out)
+    capsys.readouterr()
+    assert regenerate(cfg, out)["generated_now"] == 0  # unchanged: reused, and said so
+    assert "12 rows already in" in capsys.readouterr().err
+
+    longer = cfg.model_copy(update={"max_new_tokens": 6})
+    with pytest.raises(InvalidInputError, match="other generation settings"):
+        regenerate(longer, out)
+    report = regenerate(longer, out, restart_stale=True)
+    assert report["generated_now"] == 12 and report["resumed"] == 0
+    assert "discarding the 12 rows" in capsys.readouterr().err
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)  # a retrained teacher under the same name
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(teacher)
+    with pytest.raises(InvalidInputError, match="its weights changed"):
+        regenerate(longer, out)
+    assert regenerate(longer, out, restart_stale=True)["generated_now"] == 12

@@ -126,3 +126,36 @@ def test_checkpoint_resume_continues_from_last_epoch(tiny_llama, sft_file, tmp_p
     fresh, _ = train_model(_load(tiny_llama)[0], tok, examples, cfg.model_copy(update={"checkpoints": False}))
     for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), n
+
+
+def test_checkpoint_of_another_student_is_not_resumed(tiny_llama, sft_file, tmp_path, monkeypatch, capsys):
+    """A checkpoint left by student A (killed in epoch 2) is never loaded into student B of the same shapes
+    (another pruning or sparsity of the same model): B trains afresh and says why."""
+    cfg = _cfg(sft_file, epochs=2, checkpoints=True)
+    examples = load_examples(cfg)
+    calls = {"n": 0}
+    real = train_mod.response_loss
+
+    def dies_in_epoch_2(model, batch, *args):
+        calls["n"] += 1
+        if calls["n"] == 3 + 1 + 2:
+            raise KeyboardInterrupt
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(train_mod, "response_loss", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(_load(tiny_llama)[0], _load(tiny_llama)[1], examples, cfg, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "epoch-1" / "trainer.json").is_file()
+    monkeypatch.setattr(train_mod, "response_loss", real)
+
+    student_b, tok = _load(tiny_llama)
+    _sparsify(student_b)  # same shapes, other weights
+    capsys.readouterr()
+    model, report = train_model(student_b, tok, examples, cfg, tmp_path / "ckpt")
+    assert "another student" in capsys.readouterr().err
+    assert report["eval_loss_before"] is not None and [h["epoch"] for h in report["history"]] == [1, 2]
+    fresh_b, _ = _load(tiny_llama)
+    _sparsify(fresh_b)
+    fresh, _ = train_model(fresh_b, tok, examples, cfg.model_copy(update={"checkpoints": False}))
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), n

@@ -75,6 +75,7 @@ def distill_model(model, tokenizer, cfg: DistillConfig) -> tuple[Any, dict[str, 
             report["regenerate"] = regenerate(
                 cfg, work / "data", device=device, dtype=cfg.teacher_dtype or "auto",
                 trust_remote_code=cfg.teacher_trust_remote_code, processes=state if state.num_processes > 1 else None,
+                restart_stale=True,  # the work folder's rows of another teacher or settings are regenerated
             )
             _free_accelerator_memory()
             rows_cfg = cfg.model_copy(update={"dataset": str(work / "data" / ROWS_FILE), "columns": None, "limit": None})

@@ -44,7 +44,8 @@ __all__ = ["REPORT_FILE", "ROWS_FILE", "Example", "Generation", "HFEngine", "VLL
 
 
 def regenerate(cfg: DistillConfig, out_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
-               dtype: str = "auto", trust_remote_code: bool = False, teacher=None, processes=None) -> dict[str, Any]:
+               dtype: str = "auto", trust_remote_code: bool = False, teacher=None, processes=None,
+               restart_stale: bool = False) -> dict[str, Any]:
     """Regenerate ``cfg.dataset`` with ``cfg.teacher`` into ``out_dir/rows.jsonl`` (resuming if present).
 
     Args:
@@ -52,6 +53,8 @@ def regenerate(cfg: DistillConfig, out_dir: str | os.PathLike, *, device: str | 
         processes: under ``accelerate launch``/``torchrun``, accelerate's ``PartialState``: every process
             regenerates every N-th row still to do into its own ``rows.part-R.jsonl`` (its own teacher on its
             own device), then the main process merges the parts into ``rows.jsonl`` in dataset order.
+        restart_stale: rows made by another teacher (name or weights), template or generation settings are
+            deleted with a warning and regenerated (a work folder); by default they are an error.
 
     Returns:
         The regeneration report (also written to ``out_dir/regenerate.json``).
@@ -67,24 +70,31 @@ def regenerate(cfg: DistillConfig, out_dir: str | os.PathLike, *, device: str | 
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     path = out_dir / ROWS_FILE
     t_hash = template_hash(cfg.template)
+    source = rows_source(cfg)
     done = read_done_rows(path) + [r for part in sorted(out_dir.glob(PART_GLOB)) for r in read_done_rows(part)]
-    for r in done[:1]:
-        if r.get("teacher") != cfg.teacher or r.get("template_hash") != t_hash:
-            raise InvalidInputError(
-                f"{path} was made by teacher {r.get('teacher')!r} with template {r.get('template_hash')}; "
-                f"this run uses {cfg.teacher!r} with {t_hash}: choose another output or delete it"
-            )
-    done_ids = {r["id"] for r in done}
-    todo = [e for e in examples if e.id not in done_ids]
+    stale = _stale(done[0], cfg, t_hash, source) if done else None
     if world > 1:
         processes.wait_for_everyone()  # every process has read the finished rows before any writes
+    if stale and not restart_stale:
+        raise InvalidInputError(f"{path} holds rows that {stale}: choose another output or pass --overwrite")
+    if stale:
+        if rank == 0:
+            console.warn(f"discarding the {len(done)} rows in {out_dir}: they {stale}; regenerating them")
+            for f in [path, out_dir / REPORT_FILE, *out_dir.glob(PART_GLOB)]:
+                f.unlink(missing_ok=True)
+        if world > 1:
+            processes.wait_for_everyone()
+        done = []
+    done_ids = {r["id"] for r in done}
+    todo = [e for e in examples if e.id not in done_ids]
     mine = todo[rank::world]
     stats = {"new_tokens": 0, "seconds": 0.0}
+    if done and rank == 0:
+        console.info(f"resuming: {len(done_ids)} rows already in {out_dir} (same teacher and settings), "
+                     f"{len(todo)} to go")
     if mine:
-        if done and rank == 0:
-            console.info(f"resuming: {len(done_ids)} rows already in {out_dir}, {len(todo)} to go")
         target = path if world == 1 else out_dir / f"rows.part-{rank:05d}.jsonl"
-        _generate_rows(cfg, mine, target, t_hash, stats, device=device, dtype=dtype,
+        _generate_rows(cfg, mine, target, {"template_hash": t_hash, **source}, stats, device=device, dtype=dtype,
                        trust_remote_code=trust_remote_code, teacher=teacher)
     if world > 1:
         processes.wait_for_everyone()
@@ -172,7 +182,33 @@ def _check_acceptance(report: dict, cfg: DistillConfig, path: Path) -> None:
     console.warn(msg)
 
 
-def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, t_hash: str, stats: dict[str, Any], *,
+def rows_source(cfg: DistillConfig) -> dict[str, Any]:
+    """What the rows depend on besides the data and template: the teacher's content and the generation settings."""
+    from draftkit.fingerprint import model_identity
+
+    gen: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                           "accept_filter": cfg.accept_filter}
+    if cfg.temperature > 0:
+        gen |= {"top_p": cfg.top_p, "seed": cfg.seed}
+    return {"teacher_identity": model_identity(str(cfg.teacher)), "generation": gen}
+
+
+def _stale(row: dict[str, Any], cfg: DistillConfig, t_hash: str, source: dict[str, Any]) -> str | None:
+    """Why a finished row cannot be reused by this run (None when it can)."""
+    if row.get("teacher") != cfg.teacher:
+        return f"were made by teacher {row.get('teacher')!r} (this run's is {cfg.teacher!r})"
+    if row.get("template_hash") != t_hash:
+        return "were made with another template"
+    if "teacher_identity" not in row:
+        return "were made by an older draftkit (no record of the teacher's weights and settings)"
+    if row["teacher_identity"] != source["teacher_identity"]:
+        return f"were made by another version of teacher {cfg.teacher!r} (its weights changed)"
+    if row.get("generation") != source["generation"]:
+        return f"were made with other generation settings ({row.get('generation')}; now {source['generation']})"
+    return None
+
+
+def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, keys: dict[str, Any], stats: dict[str, Any], *,
                    device, dtype: str, trust_remote_code: bool, teacher) -> None:
     from draftkit.checkpoint import load_model_and_tokenizer, load_tokenizer
 
@@ -201,7 +237,7 @@ def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, t_hash: 
         with console.status_bar("regenerating", total=len(todo)) as bar:
             for group in engine.generate(prompts):
                 for g in group:
-                    buffer.append(_row(todo[g.pos], g, cfg, t_hash))
+                    buffer.append(_row(todo[g.pos], g, cfg, keys))
                     stats["new_tokens"] += g.new_tokens
                 elapsed = time.perf_counter() - t0
                 bar.update(len(group), f"{stats['new_tokens'] / max(elapsed, 1e-9):.1f} tok/s")
@@ -215,7 +251,7 @@ def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, t_hash: 
             engine.close()  # the GPU memory goes back before training starts
 
 
-def _row(e: Example, g: Generation, cfg: DistillConfig, t_hash: str) -> dict[str, Any]:
+def _row(e: Example, g: Generation, cfg: DistillConfig, keys: dict[str, Any]) -> dict[str, Any]:
     text = g.text.strip()
     if cfg.accept_filter:
         ok, reason = accept(text, e.reference, finished=g.finished)
@@ -233,7 +269,7 @@ def _row(e: Example, g: Generation, cfg: DistillConfig, t_hash: str) -> dict[str
         "accepted": ok,
         "reason": reason,
         "teacher": cfg.teacher,
-        "template_hash": t_hash,
         "engine": cfg.engine,
         "new_tokens": g.new_tokens,
+        **keys,
     }

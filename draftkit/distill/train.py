@@ -63,12 +63,25 @@ class TrainingDivergedError(DraftkitError):
 # --------------------------------------------------------------------------------------------
 
 
-def _fingerprint(cfg: DistillConfig, data_key: str, model: nn.Module, world: int) -> str:
+@torch.no_grad()
+def student_identity(model: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the student's weights and buffers: a checkpoint made
+    from another student (another pruning, sparsity, or model of the same shapes) is never resumed."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.device.type != "meta" and t.numel():
+            h.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(cfg: DistillConfig, data_key: str, student: str, world: int) -> str:
     keys = ("epochs", "max_steps", "lr", "lr_schedule", "warmup", "weight_decay", "train_batch_size", "grad_accum",
             "max_length", "lora_rank", "lora_alpha", "eval_fraction", "seed", "precision", "optimizer_in_backward")
     data = {k: getattr(cfg, k) for k in keys}
     data["examples"] = data_key
-    data["params"] = sum(p.numel() for p in model.parameters())
+    data["student"] = student
     data["processes"] = world
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -154,6 +167,7 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
 
     # keep-masks from the weights before training, of the linears at least 1% zero (a dense checkpoint's few
     # stray exact zeros are not a sparsity pattern worth a byte per weight of mask)
+    student = student_identity(model) if checkpoint_dir and cfg.checkpoints else ""
     masks = extract_masks(model, min_sparsity=MASK_MIN_SPARSITY)
     zeros_before = sum(int((~m).sum()) for m in masks.values())
     if masks:
@@ -201,12 +215,12 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
     scheduler = accelerator.prepare(scheduler)
 
     # ---- resume from the last epoch checkpoint with the same settings and data ----
-    fingerprint = _fingerprint(cfg, data_key, model, accelerator.num_processes)
+    fingerprint = _fingerprint(cfg, data_key, student, accelerator.num_processes)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir and cfg.checkpoints else None
     start_epoch, step = 0, 0
     history: list[dict[str, Any]] = []
     if ckpt_root is not None:
-        start_epoch, step, history = _resume(ckpt_root, fingerprint, accelerator)
+        start_epoch, step, history = _resume(ckpt_root, fingerprint, student, accelerator)
 
     def amp():
         return autocast(precision, device)
@@ -256,7 +270,8 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
                 raise _diverged("the eval loss", str(record["eval_loss"]), step, cfg, ckpt_root)
             console.info(f"epoch {epoch + 1}: train loss {record['train_loss']}, eval loss {record['eval_loss']}")
             if ckpt_root is not None and step < total_steps:
-                _save_checkpoint(ckpt_root, epoch + 1, step, history, fingerprint, accelerator)
+                _save_checkpoint(ckpt_root, epoch + 1, step, history, {"fingerprint": fingerprint, "student": student},
+                                 accelerator)
     train_seconds = time.perf_counter() - t_train
     if in_backward is not None:
         in_backward.remove()
@@ -329,7 +344,7 @@ def _changed_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     return sum(int(((modules[n].weight != 0) & ~m.to(modules[n].weight.device)).sum()) for n, m in masks.items())
 
 
-def _save_checkpoint(root: Path, epoch: int, step: int, history, fingerprint: str, accelerator) -> None:
+def _save_checkpoint(root: Path, epoch: int, step: int, history, keys: dict[str, str], accelerator) -> None:
     path = root / f"epoch-{epoch}"
     tmp = root / f".epoch-{epoch}.tmp"
     if accelerator.is_main_process:
@@ -337,7 +352,7 @@ def _save_checkpoint(root: Path, epoch: int, step: int, history, fingerprint: st
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "trainer.json", {"epoch": epoch, "step": step, "history": history, "fingerprint": fingerprint})
+        atomic_write_json(tmp / "trainer.json", {"epoch": epoch, "step": step, "history": history, **keys})
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         for old in root.glob("epoch-*"):
@@ -346,7 +361,7 @@ def _save_checkpoint(root: Path, epoch: int, step: int, history, fingerprint: st
     accelerator.wait_for_everyone()
 
 
-def _resume(root: Path, fingerprint: str, accelerator) -> tuple[int, int, list]:
+def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[int, int, list]:
     found = []
     for d in root.glob("epoch-*"):
         try:
@@ -358,7 +373,9 @@ def _resume(root: Path, fingerprint: str, accelerator) -> tuple[int, int, list]:
         return 0, 0, []
     epoch, path, info = max(found, key=lambda x: x[0])
     if info.get("fingerprint") != fingerprint:
-        console.warn(f"ignoring checkpoint {path}: it was made with other settings or data")
+        why = ("an older draftkit" if "student" not in info else "another student (its weights differ)"
+               if info["student"] != student else "other settings or data")
+        console.warn(f"ignoring checkpoint {path}: it was made from {why}; training starts afresh")
         return 0, 0, []
     accelerator.load_state(str(path))
     console.info(f"resuming training from {path} (epoch {epoch}, step {info['step']})")
