@@ -80,15 +80,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False)
     check_recipe(recipe)
     if dry_run:
         return plan(recipe, from_stage=from_stage)
-    fresh = not out.exists()
-    try:
-        return _run(recipe, out, force_from)
-    except InvalidInputError:
-        # bad input caught before any stage finished: a run that did not exist leaves nothing behind
-        manifest = _read_manifest(out)
-        if fresh and not any(e.get("status") in ("done", "gate_failed") for e in manifest["stages"].values()):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    return _run(recipe, out, force_from, fresh=not out.exists())
 
 
 def _input_id(path: str) -> str:
@@ -147,11 +139,18 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     return {"recipe": recipe.name, "output": str(out), "dry_run": True, "stages": rows}
 
 
-def _run(recipe: Recipe, out: Path, force_from: int | None) -> dict[str, Any]:
+def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool) -> dict[str, Any]:
     threads = apply_threads(recipe.header.load.threads)
     out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, "run"):
-        return _run_locked(recipe, out, force_from, threads)
+    with folder_lock(out, "run"):  # a LockedError (another run holds the folder) leaves it alone
+        try:
+            return _run_locked(recipe, out, force_from, threads)
+        except InvalidInputError:
+            # bad input before any stage started, in a folder this run made: nothing of value, nothing left
+            # behind. Once a stage started (its rows, checkpoints, .work folders) everything is kept.
+            if fresh and not _read_manifest(out)["stages"] and not any(out.glob("*.work")):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def check_run_output(recipe: Recipe) -> Path:

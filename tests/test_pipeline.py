@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import draftkit.prune
 from draftkit.cli import app
-from draftkit.errors import EXIT_INVALID_INPUT
+from draftkit.errors import EXIT_INVALID_INPUT, DataError
 from draftkit.pipeline import run
 from draftkit.recipe import RecipeError, load_recipe, parse_recipe
 
@@ -214,3 +214,45 @@ def test_set_is_validated_against_the_model(override, needle):
         parse_recipe("name: t\nmodel: m\noutput: o\nstages:\n  - prune: {layers: 2}\n", filename="r.yaml",
                      overrides=[override])
     assert needle in str(exc.value)
+
+
+def test_failed_new_run_keeps_what_a_stage_wrote(tiny_llama, calib_file, tmp_path, monkeypatch):
+    """Bad input raised by a stage that started (e.g. distill's acceptance check after hours of regenerated rows
+    in OUT/00-distill.work) leaves the new output folder, its .work folder and manifest in place."""
+    rec = write_recipe(tmp_path, tiny_llama, calib_file)
+    out = tmp_path / "run"
+
+    def slow_then_bad(model, tok, cfg):
+        rows = out / "00-prune.work" / "rows.jsonl"
+        rows.parent.mkdir(parents=True)
+        rows.write_text("{}\n")
+        raise DataError(f"none accepted; the rows are kept in {rows}")
+
+    monkeypatch.setattr(draftkit.prune, "prune_model", slow_then_bad)
+    with pytest.raises(DataError, match="rows are kept"):
+        run(load_recipe(str(rec)))
+    assert (out / "00-prune.work" / "rows.jsonl").read_text() == "{}\n"
+    assert json.loads((out / "manifest.json").read_text())["stages"]["0"]["status"] == "failed"
+
+
+def test_locked_new_run_never_deletes_the_other_run(tiny_llama, calib_file, tmp_path, monkeypatch):
+    """Two runs on a new output both see it new; the one refused by the lock leaves the winner's folder alone."""
+    import contextlib
+
+    import draftkit.pipeline as pipeline
+    from draftkit.errors import LockedError
+
+    rec = write_recipe(tmp_path, tiny_llama, calib_file)
+    out = tmp_path / "run"
+
+    @contextlib.contextmanager
+    def won_by_another(folder, what="run"):
+        (out / "00-prune").mkdir(parents=True)  # the other process's live run, started in between
+        (out / "00-prune" / "model.safetensors").write_text("live")
+        raise LockedError(f"{folder} is in use by another draftkit run")
+        yield
+
+    monkeypatch.setattr(pipeline, "folder_lock", won_by_another)
+    with pytest.raises(LockedError):
+        run(load_recipe(str(rec)))
+    assert (out / "00-prune" / "model.safetensors").read_text() == "live"
