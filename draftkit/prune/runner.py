@@ -41,19 +41,20 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
         by_len.setdefault(len(s), []).append(s)
     batches = [torch.stack(g[i : i + batch_size]) for g in by_len.values() for i in range(0, len(g), batch_size)]
     source.load_outside()
-    inputs = capture_layer_inputs(source.model, batches, device=source.device)
+    inputs = capture_layer_inputs(source.model, batches, device=source.device, store=source.store)
     source.free_outside()
     hidden = inputs.hidden
     cos_sum = torch.zeros(n, dtype=torch.float64)
     tok_count = sum(b.numel() for b in batches)
-    last = [[h[:, -1].float().cpu()] for h in hidden]  # per batch: the state entering each layer
+    last = [[h.select(1, -1).float().cpu()] for h in hidden]  # per batch: the state entering each layer
     for i in track(range(n), "scoring blocks"):
         layer = source.load(i)
         for c in range(len(hidden)):
             x_out = run_layer(layer, hidden[c], inputs.args[i][c])
-            cos = nn.functional.cosine_similarity(hidden[c].float(), x_out.float(), dim=-1)
+            x_in = hidden[c].to(x_out.device)  # activations may wait on the CPU while layers run on the GPU
+            cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
             cos_sum[i] += cos.double().sum().cpu()
-            last[c].append(x_out[:, -1].float().cpu())
+            last[c].append(x_out.select(1, -1).float().cpu())
             hidden[c] = x_out if source.store is None else x_out.to(source.store)
         inputs.args[i] = []
         source.done(i)

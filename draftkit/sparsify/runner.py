@@ -55,9 +55,10 @@ class LayerInputs:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device=None,
-                         masks: list[torch.Tensor | None] | None = None) -> LayerInputs:
+                         masks: list[torch.Tensor | None] | None = None, store=None) -> LayerInputs:
     """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids
-    (and, for padded chunks, their ``attention_mask`` in ``masks``).
+    (and, for padded chunks, their ``attention_mask`` in ``masks``). The hidden states wait on ``store``
+    (a streamed run's activation device, the CPU when they do not fit on the compute device), else where made.
 
     The layers are stubbed out (identity on the hidden states), so this costs an embedding lookup and
     the mask/rotary set-up per chunk, not a forward.
@@ -73,7 +74,7 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
             h = a[0] if a else kw.pop("hidden_states")
             rest = a[1:]
             if idx == 0:
-                hidden.append(h.detach())
+                hidden.append(h.detach() if store is None else h.detach().to(store))
             args[idx].append((rest, dict(kw)))
             if idx == len(layers) - 1:
                 raise _Stop
@@ -278,7 +279,7 @@ def sparsify_with_tokens(
                 report["calibration"] = {"samples": sum(len(c) for c in chunks), "seqlen": chunks[0].shape[1],
                                          "tokens": sum(c.numel() for c in chunks), "chunks": len(chunks)}
             source.load_outside()
-            inputs = capture_layer_inputs(model, chunks, device=source.device)
+            inputs = capture_layer_inputs(model, chunks, device=source.device, store=source.store)
             source.free_outside()
             report["passes_per_layer"] = "1" if len(inputs.hidden) == 1 else "groups + 1 (chunked)"
         heavy_work_starts()
