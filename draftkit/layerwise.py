@@ -26,7 +26,7 @@ from draftkit.checkpoint.stream import (
     load_module,
     parameter_keys,
 )
-from draftkit.modeling import _find_layer_list, decoder, decoder_layers
+from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 
 
 def layer_list_prefix(model: nn.Module) -> str:
@@ -59,6 +59,12 @@ class ResidentLayers:
         return self.layers[i]
 
     def done(self, i: int) -> None:
+        pass
+
+    def load_head(self) -> tuple[nn.Module, nn.Module]:
+        return final_norm(self.model), self.model.get_output_embeddings()
+
+    def free_head(self) -> None:
         pass
 
 
@@ -131,6 +137,19 @@ class StreamedLayers:
         if m is None:
             return key
         return f"{self.prefix}.{self.rename[int(m.group(1))]}.{m.group(2)}"
+
+    # -------------------------------------------------------------- after the layers
+    def load_head(self) -> tuple[nn.Module, nn.Module]:
+        """The final norm and the output projection (``lm_head``; for a tied head, the embeddings' tensor)."""
+        modules = (final_norm(self.model), self.model.get_output_embeddings())
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for m in modules:
+            load_module(m, names[id(m)], self.keys, self.ckpt, device=self.device, dtype=self.dtype)
+        return modules
+
+    def free_head(self) -> None:
+        for m in (final_norm(self.model), self.model.get_output_embeddings()):
+            free_module(m)
 
     # -------------------------------------------------------------- output
     def output_plan(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -9,13 +9,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from draftkit.checkpoint import check_device, load_config, load_model_and_tokenizer, save_model
+from draftkit.checkpoint import (
+    check_device,
+    load_config,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    save_model,
+)
 from draftkit.errors import GateFailedError, InvalidInputError, NonFiniteError
 from draftkit.io import atomic_dir, atomic_write_json, check_output_dir, config_paths
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
@@ -37,8 +43,9 @@ class LoadConfig(BaseModel):
     )
     stream: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="prune/sparsify: read one decoder layer at a time from the safetensors shards and write the "
-        "output shard by shard (auto: checkpoints above 0.75 GB, or when the whole model would not fit)",
+        description="prune/sparsify/eval --ppl: read one decoder layer at a time from the safetensors shards (prune "
+        "and sparsify write the output shard by shard; auto: checkpoints above 0.75 GB, or when the whole model "
+        "would not fit)",
     )
 
     @field_validator("device")
@@ -110,9 +117,10 @@ def run_stage(
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
     with work_dir_lock(cfg, stage.name):
-        estimate = None
+        from draftkit.memory import announce_before_heavy_work
+
+        estimate, streamed = None, False
         if name in ("prune", "sparsify"):
-            from draftkit.memory import announce_before_heavy_work
             from draftkit.streamed import plan_run, run_streamed
 
             streamed, estimate = plan_run(name, model_name, cfg, load)
@@ -121,11 +129,21 @@ def run_stage(
                                       overwrite=overwrite, arguments=arguments)
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
                 return report
-        model, tokenizer = load_model_and_tokenizer(
-            model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
-        )
-        if estimate is not None:
-            announce_before_heavy_work(estimate)
+        elif name == "eval":  # a perplexity-only evaluation streams by the same rule
+            from draftkit.evaluate import streamed_eval_stage
+            from draftkit.evaluate.streamed import plan_eval
+
+            streamed, estimate, plan = plan_eval(model_name, cfg, load)
+            if streamed:
+                stage = replace(stage, run=streamed_eval_stage(model_name, load, estimate, plan))
+        if streamed:  # eval: the stage reads the checkpoint's shards itself
+            model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
+        else:
+            model, tokenizer = load_model_and_tokenizer(
+                model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
+            )
+            if estimate is not None:
+                announce_before_heavy_work(estimate)
         _, _, report = execute_stage(
             stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
             arguments=arguments,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,7 @@ def _needs_forward(name: str, cfg: BaseModel) -> bool:
 
 def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, MemoryEstimate]:
     """Stream or not, and the memory estimate (printed); raises when the run cannot fit."""
-    ref = resolve_model_ref(model_name)
-    config = load_config(model_name, trust_remote_code=load.trust_remote_code)
-    device = resolve_device(load.device)
-    can_stream = ref.local and is_streamable(ref.location)
-    size = checkpoint_bytes(ref.location) if ref.local else 0
-    if load.stream == "on" and not can_stream:
-        raise InvalidInputError(
-            f"--stream on needs a local safetensors checkpoint; {model_name} is not one: "
-            "save it with save_pretrained(safe_serialization=True) or pass --stream auto"
-        )
+    config, device, can_stream, size = checkpoint_facts(model_name, load)
     forward = _needs_forward(name, cfg)
     calib = cfg.calib
     tc = text_config(config)
@@ -68,7 +60,7 @@ def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, Me
         from draftkit.sparsify.calib import _auto_chunk_tokens
 
         chunk = cfg.chunk_tokens or _auto_chunk_tokens(config, seqlen)
-    dtype_bytes = 4 if load.dtype in ("float32",) else (2 if load.dtype != "auto" else _ckpt_dtype_bytes(config))
+    dtype_bytes = load_dtype_bytes(load, config)
     sparsegpt = name == "sparsify" and cfg.method == "sparsegpt"
 
     def est(streamed: bool) -> MemoryEstimate:
@@ -79,9 +71,42 @@ def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, Me
                                seqlen=seqlen, chunk_tokens=min(chunk, tokens), sparsegpt=sparsegpt,
                                dtype_bytes=dtype_bytes)
 
-    if load.stream == "off" or not can_stream:
+    return choose_streaming(model_name, load.stream, est, can_stream=can_stream, size=size, device=device,
+                            always=name == "prune" and not forward)
+
+
+def checkpoint_facts(model_name: str, load) -> tuple[Any, Any, bool, int]:
+    """``(config, compute device, can stream, checkpoint bytes)`` of a model, before any weights load."""
+    ref = resolve_model_ref(model_name)
+    config = load_config(model_name, trust_remote_code=load.trust_remote_code)
+    can_stream = ref.local and is_streamable(ref.location)
+    return config, resolve_device(load.device), can_stream, checkpoint_bytes(ref.location) if ref.local else 0
+
+
+def estimate_facts(estimate: MemoryEstimate) -> dict[str, float]:
+    """The estimate as report entries, in GB."""
+    return {"host": gb(estimate.host), "device": gb(estimate.device), **{k: gb(v) for k, v in estimate.parts.items()}}
+
+
+def choose_streaming(model_name: str, stream: str, est: Callable[[bool], MemoryEstimate], *, can_stream: bool,
+                     size: int, device, always: bool = False) -> tuple[bool, MemoryEstimate]:
+    """The rule every streamed stage follows: ``stream`` ``on``/``off`` as asked (``always``: a run that
+    needs no forward streams whenever it can); ``auto`` streams a streamable checkpoint above
+    :data:`STREAM_ABOVE_BYTES` or whose resident estimate ``est(False)`` does not fit. Returns the
+    decision and its estimate.
+
+    Raises:
+        InvalidInputError: ``--stream on`` for a checkpoint that is not local safetensors, or the chosen
+            run does not fit (one line saying what to change).
+    """
+    if stream == "on" and not can_stream:
+        raise InvalidInputError(
+            f"--stream on needs a local safetensors checkpoint; {model_name} is not one: "
+            "save it with save_pretrained(safe_serialization=True) or pass --stream auto"
+        )
+    if stream == "off" or not can_stream:
         streamed = False
-    elif load.stream == "on" or (name == "prune" and not forward):
+    elif stream == "on" or always:
         streamed = True
     else:
         streamed = size > STREAM_ABOVE_BYTES
@@ -96,7 +121,10 @@ def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, Me
     return streamed, estimate
 
 
-def _ckpt_dtype_bytes(config) -> int:
+def load_dtype_bytes(load, config) -> int:
+    """Bytes per weight and activation value of a run: ``load.dtype``, or the checkpoint's own."""
+    if load.dtype != "auto":
+        return 4 if load.dtype == "float32" else 2
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return 2 if str(dt).replace("torch.", "") in ("bfloat16", "float16") else 4
 
@@ -139,8 +167,7 @@ def run_streamed(name: str, model_name: str, cfg: BaseModel, *, out: Path, load,
                 shutil.copy(Path(ref.location) / extra, tmp / extra)
         tokenizer.save_pretrained(tmp)
         report["streamed"] = True
-        report["memory_estimate_gb"] = {"host": gb(estimate.host), "device": gb(estimate.device),
-                                        **{k: gb(v) for k, v in estimate.parts.items()}}
+        report["memory_estimate_gb"] = estimate_facts(estimate)
         args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
         atomic_write_json(tmp / PROVENANCE_FILE, make_provenance(stage=name, source=model_name, arguments=args, facts=report))
     report["output"] = str(out)

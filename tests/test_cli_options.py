@@ -90,7 +90,7 @@ def test_each_stage_command_takes_all_of_its_config(stage):
     from draftkit.cli._options import LOAD_ONLY_STREAMED
 
     allowed = {"dtype", *LOAD_ONLY_STREAMED} if stage == "export" else set(LOAD_ONLY_STREAMED)
-    if stage in ("prune", "sparsify"):
+    if stage in ("prune", "sparsify", "eval"):
         allowed = set()
     assert set(load_fields.exclude) <= allowed
 

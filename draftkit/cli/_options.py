@@ -32,7 +32,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 LONG_DEFAULT = 40  # longer string defaults (a prompt template) are not printed in --help
-# LoadConfig fields only the layer-streamed stages (prune, sparsify) read: other commands leave them out.
+# LoadConfig fields only the layer-streamed stages (prune, sparsify, eval) read: other commands leave them out.
 LOAD_ONLY_STREAMED = ("stream",)
 
 

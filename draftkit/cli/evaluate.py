@@ -6,13 +6,13 @@ from rich.table import Table
 
 from draftkit import console
 from draftkit.cli._common import REPORT_OUTPUT, ModelArg, Output, build, handle_errors, run_report_stage
-from draftkit.cli._options import LOAD_ONLY_STREAMED, Fields, config_options
+from draftkit.cli._options import Fields, config_options
 from draftkit.evaluate import EvalConfig
 from draftkit.stages import LoadConfig
 
 
 @handle_errors
-@config_options(cfg=Fields(EvalConfig), load=Fields(LoadConfig, exclude=LOAD_ONLY_STREAMED), io=REPORT_OUTPUT)
+@config_options(cfg=Fields(EvalConfig), load=Fields(LoadConfig), io=REPORT_OUTPUT)
 def evaluate(model: ModelArg, *, cfg: dict, load: dict, io: Output) -> None:
     """Evaluate a model; with --baseline, report quality recovery and gate on it (exit code 3).
 
@@ -23,6 +23,8 @@ def evaluate(model: ModelArg, *, cfg: dict, load: dict, io: Output) -> None:
       draftkit eval drafts/llama-prune6 --tasks arc_easy,hellaswag --limit 200 --baseline llama-3.1-8b
 
       draftkit eval MODEL --ppl notes.txt --json
+
+      draftkit eval checkpoints/llama-3.1-8b --ppl notes.txt --stream on
     """
     console.set_quiet(io.quiet)
     run_report_stage("eval", model, build(EvalConfig, **cfg), output=io.output, load=build(LoadConfig, **load),

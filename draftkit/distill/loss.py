@@ -82,8 +82,8 @@ def _logit_transform(config):
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, *, chunk_size: int = DEFAULT_CHUNK,
-                          transform=None) -> torch.Tensor:
-    """Mean cross-entropy of ``head(hidden[t])`` against ``labels[t + 1]`` over positions whose label is not
+                          transform=None, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or, with ``reduction="sum"``, summed) cross-entropy of ``head(hidden[t])`` against ``labels[t + 1]`` over positions whose label is not
     -100, in float32, one checkpointed chunk of ``chunk_size`` positions at a time.
 
     Args:
@@ -110,7 +110,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, head: nn.M
             total = total + checkpoint(ce_sum, h_chunk, y_chunk, use_reentrant=False)
         else:
             total = total + ce_sum(h_chunk, y_chunk)
-    return total / y.numel()
+    return total if reduction == "sum" else total / y.numel()
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:

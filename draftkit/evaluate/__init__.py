@@ -35,7 +35,10 @@ class EvalConfig(BaseModel):
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples for lm-eval tasks (task default if unset)")
     limit: int | None = Field(None, ge=1, description="evaluate at most this many examples per task")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass / generate call")
-    ppl: str | None = Field(None, description="local .txt/.jsonl file to measure perplexity on (sliding windows)")
+    ppl: str | None = Field(
+        None, description="local .txt/.jsonl file to measure perplexity on (response tokens of chat rows; "
+        "sliding windows over plain text); streamed layer by layer from large checkpoints (--stream)"
+    )
     ppl_seqlen: int = Field(1024, ge=8, description="perplexity window length in tokens (capped by the context)")
     ppl_stride: int | None = Field(None, ge=1, description="perplexity window stride (default: half the window)")
     arith_data: str | None = Field(None, description="question/answer .jsonl for tiny-arith (default: the demo test split)")
@@ -145,7 +148,8 @@ def _file_hash(path: str) -> str:
 
 def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "cpu") -> tuple[dict, bool]:
     """The baseline's results, from the cache when ``cfg.cache`` and present; returns ``(results, cached)``."""
-    from draftkit.checkpoint import load_model_and_tokenizer
+    from types import SimpleNamespace
+
     from draftkit.io import atomic_write_json
 
     file = _cache_file(cfg)
@@ -155,9 +159,9 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
         except (OSError, json.JSONDecodeError, KeyError):
             pass
     console.info(f"evaluating the baseline {cfg.baseline}")
-    model, tok = load_model_and_tokenizer(cfg.baseline, dtype=load_dtype, device=device)
-    results = run_tasks(model, tok, cfg)
-    del model
+    # the settings of stages.LoadConfig that loading reads (stages imports this module, not the reverse)
+    load = SimpleNamespace(dtype=load_dtype, device=device, stream="auto", trust_remote_code=False)
+    results = measure(cfg.baseline, cfg, load)
     if cfg.cache:
         try:
             atomic_write_json(file, {"baseline": cfg.baseline, "results": results})
@@ -166,14 +170,52 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
     return results, False
 
 
-def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu") -> dict[str, Any]:
-    """Run the tasks on ``model`` (and the baseline), compute recovery and the gate verdict."""
-    results = run_tasks(model, tokenizer, cfg)
+def measure(model_name: str, cfg: EvalConfig, load) -> dict[str, dict[str, Any]]:
+    """:func:`run_tasks` on ``model_name`` loaded as ``load`` says; a perplexity-only evaluation is streamed
+    layer by layer by the rule of the other stages (:func:`draftkit.evaluate.streamed.plan_eval`)."""
+    from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.evaluate.streamed import plan_eval, streamed_perplexity
+    from draftkit.memory import announce_before_heavy_work
+
+    streamed, estimate, plan = plan_eval(model_name, cfg, load)
+    if streamed:
+        assert estimate is not None and plan is not None
+        return {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=load.dtype, device=load.device,
+                                                trust_remote_code=load.trust_remote_code)
+    if estimate is not None:
+        announce_before_heavy_work(estimate)
+    return run_tasks(model, tokenizer, cfg)
+
+
+def streamed_eval_stage(model_name: str, load, estimate, plan):
+    """The eval stage function when the perplexity is streamed from ``model_name``'s shards: it gets no model."""
+    from draftkit.evaluate.streamed import streamed_perplexity
+    from draftkit.streamed import estimate_facts
+
+    def run(_model, tokenizer, cfg: EvalConfig):
+        results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
+        dtype = load.dtype if load.dtype != "auto" else None
+        report = evaluate(None, tokenizer, cfg, device=load.device, results=results, dtype=dtype)
+        report["streamed"] = True
+        report["memory_estimate_gb"] = estimate_facts(estimate)
+        return None, report
+
+    return run
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu", results: dict | None = None,
+             dtype: str | None = None) -> dict[str, Any]:
+    """Run the tasks on ``model`` (or take their ``results``, measured layer-streamed), evaluate the baseline
+    (in the model's dtype, or ``dtype``), compute recovery and the gate verdict."""
+    if results is None:
+        results = run_tasks(model, tokenizer, cfg)
     report: dict[str, Any] = {"tasks": results, "primary": {t: primary_metric(t, m) for t, m in results.items()}}
     for t, m in report["primary"].items():
         console.info(f"{t}: primary metric {m}")
     if cfg.baseline:
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if dtype is None:
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else "auto"
         base, cached = baseline_results(cfg, load_dtype=dtype, device=device)
         rec = {}
         for t, metrics in results.items():

@@ -1,4 +1,5 @@
-"""The one perplexity of draftkit: every benchmark and ``draftkit eval --ppl`` call :func:`perplexity`.
+"""The one perplexity of draftkit: every benchmark and ``draftkit eval --ppl`` call :func:`perplexity`
+(or, layer-streamed from a checkpoint's shards, :func:`draftkit.evaluate.streamed.layerwise_perplexity`).
 
 What is scored depends on the rows:
 
@@ -8,22 +9,50 @@ What is scored depends on the rows:
 * **plain text** (a ``.txt`` file, or a ``text`` column): the whole text as one stream, every token scored
   once, with sliding windows of ``seqlen`` tokens advancing by ``stride`` (the transformers recipe).
 
+Which tokens are scored is decided once, by :func:`plan_perplexity`, as ``labels`` (-100 where a position is
+context only); both the resident and the streamed path then score the decoder's last hidden states with
+:func:`scored_nll`, whose logits exist only for the scored positions, one chunk at a time.
+
 Perplexity is ``exp(total NLL / scored tokens)``; the report says which tokens were scored.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from draftkit import console
 from draftkit.data import RENAME_FIX, detect_columns, read_rows, row_messages
 from draftkit.errors import DataError
+from draftkit.memory import heavy_work_starts
+from draftkit.modeling import text_config
 
-IGNORE = -100
+IGNORE = -100  # draftkit.distill.loss.IGNORE: the label of positions that are not scored
+
+
+@dataclass
+class PerplexityPlan:
+    """The forward batches of a perplexity run and, in their ``labels``, the tokens each one scores.
+
+    Each batch holds ``input_ids`` ``[batch, seq]``, ``labels`` (the token ids, -100 where not scored) and,
+    for padded chat rows, ``attention_mask``.
+    """
+
+    batches: list[dict[str, torch.Tensor]]
+    facts: dict[str, Any] = field(default_factory=dict)  # scored, seqlen, stride / rows
+
+    @property
+    def tokens(self) -> int:
+        """Scored tokens."""
+        return sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in self.batches)
+
+    def result(self, nll: float, counted: int) -> dict[str, Any]:
+        return {"perplexity": math.exp(nll / counted), "tokens": counted, **self.facts}
 
 
 def perplexity(model, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
@@ -32,16 +61,30 @@ def perplexity(model, tokenizer, source: str | Path | list[dict[str, Any]], *, s
 
     Returns ``{"perplexity", "tokens" (scored), "scored": "response" | "all", ...}``.
     """
+    plan = plan_perplexity(model.config, tokenizer, source, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                           batch_size=batch_size)
+    return _resident_perplexity(model, plan)
+
+
+def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
+                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8) -> PerplexityPlan:
+    """Tokenize ``source`` into the batches of a perplexity run; ``config`` (the model's) caps ``seqlen``.
+
+    Raises:
+        DataError: the file is missing, or it holds nothing to score.
+    """
+    max_pos = getattr(text_config(config), "max_position_embeddings", None) or seqlen
+    seqlen = min(seqlen, max_pos)
     rows, name, plain = _rows(source)
     if not plain:
         mapping = detect_columns(rows, fix=RENAME_FIX)
         if "text" not in mapping:
-            return _response_perplexity(model, tokenizer, rows, mapping, name, seqlen=seqlen, max_tokens=max_tokens,
-                                        batch_size=batch_size)
+            return _response_batches(tokenizer, rows, mapping, name, seqlen=seqlen, max_tokens=max_tokens,
+                                     batch_size=batch_size)
         text = "\n\n".join(str(r[mapping["text"]]) for r in rows if r.get(mapping["text"]))
     else:
         text = "\n\n".join(r["text"] for r in rows)
-    return _stream_perplexity(model, tokenizer, text, name, seqlen=seqlen, stride=stride, max_tokens=max_tokens)
+    return _text_windows(tokenizer, text, name, seqlen=seqlen, stride=stride, max_tokens=max_tokens)
 
 
 def _rows(source) -> tuple[list[dict[str, Any]], str, bool]:
@@ -62,49 +105,37 @@ def response_labels(tokenizer, messages: list[dict[str, str]], max_length: int) 
     return tokenize_example(tokenizer, messages[:-1], messages[-1]["content"], max_length)
 
 
-@torch.no_grad()
-def _response_perplexity(model, tokenizer, rows, mapping, name: str, *, seqlen: int, max_tokens: int | None,
-                         batch_size: int) -> dict[str, Any]:
-    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None) or seqlen
-    max_len = min(seqlen, max_pos)
+def _response_batches(tokenizer, rows, mapping, name: str, *, seqlen: int, max_tokens: int | None,
+                      batch_size: int) -> PerplexityPlan:
+    """Chat rows: one conversation per sequence, right-padded (so positions, and RoPE, are those of an
+    unpadded row), the response tokens scored."""
     encoded = []
     for r in rows:
         msgs = row_messages(r, mapping)
         if not msgs or msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
             continue
-        enc = response_labels(tokenizer, msgs, max_len)
+        enc = response_labels(tokenizer, msgs, seqlen)
         if any(t != IGNORE for t in enc["labels"][1:]):
             encoded.append(enc)
     if not encoded:
         raise DataError(f"{name}: no row has a response to score")
-    device = next(model.parameters()).device
+    from draftkit.distill.loss import collate
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll, counted = 0.0, 0
-    for s in console.track(range(0, len(encoded), batch_size), "perplexity", total=math.ceil(len(encoded) / batch_size)):
-        batch = encoded[s: s + batch_size]
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):  # right padding: positions (and so RoPE) are those of an unpadded row
-            ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
-            labels[i, : len(b["labels"])] = torch.tensor(b["labels"])
-            mask[i, : len(b["input_ids"])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1].float()
-        target = labels[:, 1:].to(device)
-        keep = target != IGNORE
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        nll -= float(logp[keep].sum())
-        counted += int(keep.sum())
+    batches, counted = [], 0
+    for s in range(0, len(encoded), batch_size):
+        batch = collate(encoded[s: s + batch_size], pad)
+        batches.append(batch)
+        counted += int((batch["labels"][:, 1:] != IGNORE).sum())
         if max_tokens and counted >= max_tokens:
             break
-    return {"perplexity": math.exp(nll / counted), "tokens": counted, "rows": len(encoded), "scored": "response",
-            "seqlen": max_len}
+    return PerplexityPlan(batches, {"rows": len(encoded), "scored": "response", "seqlen": seqlen})
 
 
-@torch.no_grad()
-def _stream_perplexity(model, tokenizer, text: str, name: str, *, seqlen: int, stride: int | None,
-                       max_tokens: int | None) -> dict[str, Any]:
+def _text_windows(tokenizer, text: str, name: str, *, seqlen: int, stride: int | None,
+                  max_tokens: int | None) -> PerplexityPlan:
+    """Plain text: windows of ``seqlen`` tokens every ``stride``; each scores only the tokens it adds
+    (positions at or after the previous window's end), never position 0 of the stream."""
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special)["input_ids"][0]
@@ -112,25 +143,55 @@ def _stream_perplexity(model, tokenizer, text: str, name: str, *, seqlen: int, s
         ids = ids[:max_tokens]
     if len(ids) < 2:
         raise DataError(f"{name} yields fewer than 2 tokens: nothing to score")
-    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None) or seqlen
-    seqlen = min(seqlen, max_pos)
     stride = min(stride or max(seqlen // 2, 1), seqlen)
-    device = next(model.parameters()).device
-    nll = 0.0
-    counted = 0
+    batches = []
     prev_end = 0
-    for begin in console.track(list(range(0, len(ids) - 1, stride)), "perplexity"):
+    for begin in range(0, len(ids) - 1, stride):
         end = min(begin + seqlen, len(ids))
-        window = ids[begin:end].unsqueeze(0).to(device)
-        # Score only the tokens this window adds (positions >= prev_end), never position 0 of the stream.
-        first = max(prev_end, begin + 1) - begin
-        logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-        targets = window[0, 1:]
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        scored = logp[first - 1:]
-        nll -= float(scored.sum())
-        counted += scored.numel()
+        window = ids[begin:end].unsqueeze(0)
+        labels = window.clone()
+        labels[0, : max(prev_end, begin + 1) - begin] = IGNORE
+        batches.append({"input_ids": window, "labels": labels})
         prev_end = end
         if end == len(ids):
             break
-    return {"perplexity": math.exp(nll / counted), "tokens": counted, "seqlen": seqlen, "stride": stride, "scored": "all"}
+    return PerplexityPlan(batches, {"seqlen": seqlen, "stride": stride, "scored": "all"})
+
+
+def scored_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, transform=None) -> tuple[float, int]:
+    """Summed NLL of ``labels[:, t + 1]`` under ``head(hidden[:, t])`` over the scored positions, and their count.
+
+    ``hidden`` is the decoder's output after its final norm; float32 logits exist for one chunk of scored
+    positions at a time (:func:`~draftkit.distill.loss.chunked_cross_entropy`).
+    """
+    from draftkit.distill.loss import chunked_cross_entropy
+
+    labels = labels.to(hidden.device)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    if not n:
+        return 0.0, 0
+    return float(chunked_cross_entropy(hidden, labels, head, transform=transform, reduction="sum")), n
+
+
+@torch.no_grad()
+def _resident_perplexity(model, plan: PerplexityPlan) -> dict[str, Any]:
+    from draftkit.distill.loss import _causal_lm, _logit_transform
+
+    lm = _causal_lm(model)
+    get_decoder = getattr(lm, "get_decoder", None)
+    dec = get_decoder() if callable(get_decoder) else None
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    device = next(model.parameters()).device
+    transform = _logit_transform(lm.config)
+    heavy_work_starts()
+    nll, counted = 0.0, 0
+    for batch in console.track(plan.batches, "perplexity"):
+        kw = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
+        if dec is None or head is None or dec is lm:  # no separable decoder and head: score the model's logits
+            hidden, proj, fn = model(**kw, use_cache=False).logits, nn.Identity(), None
+        else:
+            hidden, proj, fn = dec(**kw, use_cache=False).last_hidden_state, head, transform
+        part, n = scored_nll(hidden, batch["labels"], proj, fn)
+        nll += part
+        counted += n
+    return plan.result(nll, counted)

@@ -54,8 +54,10 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device=None) -> LayerInputs:
-    """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids.
+def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device=None,
+                         masks: list[torch.Tensor | None] | None = None) -> LayerInputs:
+    """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids
+    (and, for padded chunks, their ``attention_mask`` in ``masks``).
 
     The layers are stubbed out (identity on the hidden states), so this costs an embedding lookup and
     the mask/rotary set-up per chunk, not a forward.
@@ -85,9 +87,10 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
     device = device or next(model.parameters()).device
     heavy_work_starts()
     try:
-        for ids in chunks:
+        for c, ids in enumerate(chunks):
+            mask = masks[c] if masks is not None else None
             try:
-                base(input_ids=ids.to(device), use_cache=False)
+                base(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:

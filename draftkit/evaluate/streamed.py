@@ -1,0 +1,123 @@
+"""``draftkit eval --ppl`` on checkpoints read one decoder layer at a time.
+
+:func:`plan_eval` decides, before any weights load and by the rule the prune and sparsify stages follow
+(:func:`draftkit.streamed.choose_streaming`), whether a perplexity-only evaluation streams (the eval stage
+and the baseline then call :func:`streamed_perplexity`), and gives the
+memory estimate printed before the forward. :func:`layerwise_perplexity` then runs the perplexity of
+:mod:`draftkit.evaluate.perplexity` (the same batches, the same scored tokens) through the layer-wise
+driver: the model is a skeleton on the meta device; the embeddings are read to capture every layer's
+inputs, then each decoder layer is read from the shards, run over all batches and freed; last, the final
+norm and the head score each batch's hidden states, with logits for one chunk of scored positions at a time.
+
+Evaluations with ``--tasks`` (generation, lm-eval) need the whole model and stay resident.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from draftkit.console import track
+from draftkit.errors import InvalidInputError
+from draftkit.evaluate.perplexity import PerplexityPlan, plan_perplexity, scored_nll
+from draftkit.memory import MemoryEstimate, activation_device, announce_before_heavy_work, estimate_memory
+
+LOGITS_CHUNK = 512  # scored positions per output projection (draftkit.distill.loss.DEFAULT_CHUNK)
+
+
+def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, PerplexityPlan | None]:
+    """Stream or not, the memory estimate and the perplexity batches of an evaluation.
+
+    Raises:
+        InvalidInputError: ``--stream on`` with ``--tasks`` (they need the whole model), or the run cannot fit.
+        DataError: the ``--ppl`` file holds nothing to score.
+    """
+    if cfg.tasks or not cfg.ppl:
+        if load.stream == "on":
+            raise InvalidInputError(
+                f"--stream on streams eval --ppl alone, but --tasks {','.join(cfg.tasks)} needs the whole model: "
+                "drop --tasks (run them separately) or pass --stream auto"
+            )
+        return False, None, None
+    from draftkit.checkpoint import load_tokenizer
+    from draftkit.streamed import checkpoint_facts, choose_streaming, load_dtype_bytes
+
+    config, device, can_stream, size = checkpoint_facts(model_name, load)
+    tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
+    plan = plan_perplexity(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
+                           batch_size=cfg.batch_size)
+    widest = max(b["input_ids"].numel() for b in plan.batches)
+    total = sum(b["input_ids"].numel() for b in plan.batches)
+    seqlen = max(b["input_ids"].shape[1] for b in plan.batches)
+    vocab = int(getattr(config.get_text_config(), "vocab_size", 32000))
+    logits = 2 * min(LOGITS_CHUNK, widest) * vocab * 4  # float32 logits and their log-softmax, one chunk
+
+    def est(streamed: bool) -> MemoryEstimate:
+        # resident: one batch's activations at a time; streamed: every batch's, between two layers
+        e = estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=total if streamed else widest,
+                            seqlen=seqlen, chunk_tokens=widest, sparsegpt=False,
+                            dtype_bytes=load_dtype_bytes(load, config))
+        e.parts["logits"] = logits
+        if e.device:
+            e.device += logits
+        else:
+            e.host += logits
+        return e
+
+    streamed, estimate = choose_streaming(model_name, load.stream, est, can_stream=can_stream, size=size, device=device)
+    return streamed, estimate, plan
+
+
+@torch.no_grad()
+def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
+    """The perplexity of ``plan`` with the decoder layers of ``source`` (:mod:`draftkit.layerwise`) one at a time.
+
+    Hidden states wait between layers per batch on ``source.store`` (the compute device when the estimate
+    says they fit, else the CPU).
+    """
+    from draftkit.distill.loss import _logit_transform
+    from draftkit.sparsify.runner import capture_layer_inputs, run_layer
+
+    batches = plan.batches
+    source.load_outside()
+    inputs = capture_layer_inputs(source.model, [b["input_ids"] for b in batches], device=source.device,
+                                  masks=[b.get("attention_mask") for b in batches])
+    source.free_outside()
+    hidden = inputs.hidden
+    store = source.store
+    for i in track(range(len(source.layers)), "perplexity (layer by layer)"):
+        layer = source.load(i)
+        for c in range(len(hidden)):
+            out = run_layer(layer, hidden[c], inputs.args[i][c])
+            hidden[c] = out if store is None else out.to(store)
+        inputs.args[i] = []  # free this layer's masks and position embeddings
+        source.done(i)
+    norm, head = source.load_head()
+    transform = _logit_transform(source.model.config)
+    nll, counted = 0.0, 0
+    for batch in batches:
+        h = norm(hidden.pop(0).to(source.device))  # each batch's states freed once scored
+        part, n = scored_nll(h, batch["labels"], head, transform)
+        nll += part
+        counted += n
+    source.free_head()
+    return plan.result(nll, counted)
+
+
+def streamed_perplexity(model_name: str, load, estimate: MemoryEstimate, plan: PerplexityPlan) -> dict[str, Any]:
+    """:func:`layerwise_perplexity` on a local safetensors checkpoint, as ``load`` says (device, dtype)."""
+    from draftkit.checkpoint import load_config, resolve_device, resolve_model_ref, torch_dtype
+    from draftkit.layerwise import StreamedLayers
+
+    device = resolve_device(load.device)
+    source = StreamedLayers(resolve_model_ref(model_name).location,
+                            load_config(model_name, trust_remote_code=load.trust_remote_code), device=device,
+                            dtype=None if load.dtype == "auto" else torch_dtype(load.dtype),
+                            trust_remote_code=load.trust_remote_code)
+    source.store = activation_device(estimate, device)
+    announce_before_heavy_work(estimate)
+    return layerwise_perplexity(source, plan)
+
+
+__all__ = ["layerwise_perplexity", "plan_eval", "streamed_perplexity"]
