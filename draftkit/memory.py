@@ -14,6 +14,7 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,3 +157,21 @@ def heavy_work_starts() -> None:
     if _pending:
         est = _pending.pop()
         console.info(f"{est.line()}; {'streamed one layer at a time' if est.streamed else 'resident'}")
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed since the last call back to the OS (glibc's ``malloc_trim``).
+
+    glibc keeps freed pages of the heap for reuse, so a loop that reads, uses and frees one decoder layer
+    after another grows its RSS by a fragment of each layer, i.e. with the depth. A no-op where the C library has no ``malloc_trim`` (macOS, musl).
+    """
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from draftkit.distill import DistillConfig, load_examples, train_model
+from draftkit.distill import fsdp as fsdp_mod
 from draftkit.distill import prepare as prepare_mod
 from draftkit.distill import train as train_mod
 from draftkit.distill.loss import IGNORE, collate, response_loss, tokenize_example
@@ -115,7 +116,7 @@ def test_zero_positions_are_measured_from_the_weights(tiny_llama, sft_file, monk
     """Without the per-step masking the report must say so: it compares the weights, not the masks."""
     model, tok = _load(tiny_llama)
     _sparsify(model)
-    monkeypatch.setattr(train_mod, "apply_masks", lambda *a, **k: None)
+    monkeypatch.setattr(fsdp_mod, "apply_masks", lambda *a, **k: None)  # the per-step hold (MaskHold)
     cfg = _cfg(sft_file, max_steps=3, weight_decay=0.1)
     _, report = train_model(model, tok, load_examples(cfg), cfg)
     assert report["zero_positions_changed"] > 0.4 * report["masked_zeros"]

@@ -165,3 +165,25 @@ def test_streamed_baseline_perplexity(tiny_models, ppl_files, tmp_path, monkeypa
     src = tiny_models["gemma2"]
     report = _ppl(src, ppl_files["chat"], tmp_path, "auto", baseline=str(src), min_recovery=0.999)
     assert report["streamed"] and report["recovery"]["perplexity"] == 1.0 and report["gate"]["passed"]
+
+
+@pytest.mark.gpu
+def test_streamed_perplexity_on_gpu_holds_one_layer(tiny_models, ppl_files, tmp_path):
+    """On a GPU only the current layer (the embeddings while capturing, the head while scoring) is on the
+    device; the perplexity matches the CPU run up to float summation order."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from draftkit.checkpoint import LazyCheckpoint
+
+    src = tiny_models["llama"]
+    cfg = EvalConfig(ppl=str(ppl_files["chat"]), batch_size=3)
+    cpu = run_stage("eval", str(src), cfg, out=tmp_path / "cpu", load=LoadConfig(stream="on", device="cpu"))
+    torch.cuda.reset_peak_memory_stats()
+    gpu = run_stage("eval", str(src), cfg, out=tmp_path / "gpu", load=LoadConfig(stream="on", device="cuda"))
+    assert gpu["streamed"]
+    ckpt = LazyCheckpoint(src)
+    layer0 = ckpt.nbytes(k for k in ckpt.keys() if k.startswith("model.layers.0."))
+    embed = ckpt.nbytes(["model.embed_tokens.weight"])
+    assert torch.cuda.max_memory_allocated() < embed + 3 * layer0 + 8 * 2**20
+    a, b = gpu["tasks"]["perplexity"]["perplexity"], cpu["tasks"]["perplexity"]["perplexity"]
+    assert abs(a - b) <= 1e-4 * b

@@ -110,6 +110,12 @@ class DistillConfig(BaseModel):
         "gradient (torchtune's optimizer-in-backward: 4 bytes per parameter less in float32); needs grad_accum 1 "
         "and one process",
     )
+    fsdp: bool = Field(
+        False,
+        description="shard the student's weights, gradients and AdamW state over the processes (FSDP2, each decoder "
+        "layer one unit) under torchrun/accelerate launch, on any backend (gloo on CPUs too); an FSDP accelerate "
+        "config does the same on GPUs; full fine-tuning only",
+    )
     loss_chunk_size: int = Field(
         512, ge=1, description="response tokens whose logits are computed at once in the loss (less memory when smaller)"
     )
@@ -140,6 +146,9 @@ class DistillConfig(BaseModel):
         if self.optimizer_in_backward and self.grad_accum > 1:
             raise ValueError("optimizer_in_backward steps each weight during the backward pass, so it cannot "
                              "accumulate gradients: set grad_accum 1 or optimizer_in_backward false")
+        if self.fsdp and (self.lora_rank or self.optimizer_in_backward):
+            raise ValueError("fsdp trains the full weights with a sharded AdamW: drop lora_rank and optimizer_in_backward "
+                             "(or fsdp)")
         if self.regenerate and self.teacher is None:
             raise ValueError("teacher is required to regenerate the data (or set regenerate false to train on it as is)")
         return self

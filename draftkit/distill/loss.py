@@ -145,6 +145,7 @@ class LossModule(nn.Module):
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, loss_fn=None):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # accelerate's FSDP units: decoder layers
         self.chunk_size = chunk_size
         self.loss_fn = loss_fn
 

@@ -47,15 +47,17 @@ def set_precision(model: nn.Module, precision: str, *, trainable_only: bool = Fa
         console.warn("--precision bf16-true: weights and AdamW state in bfloat16; updates smaller than a weight's "
                      "bf16 spacing are lost (at lr 2e-5 most of them): prefer bf16-mixed")
     before = {}  # by identity: a Parameter survives peft's wrapping and unloading, its name does not
-    for p in model.parameters():
+    by_name = {}  # and by name: FSDP replaces the Parameters (sharded, then gathered into a plain copy)
+    for name, p in model.named_parameters():
         if p.is_floating_point() and p.dtype != dtype and (p.requires_grad or not trainable_only):
-            before[id(p)] = p.dtype
+            before[id(p)] = by_name[name] = p.dtype
             p.data = p.data.to(dtype)
 
     def restore(trained: nn.Module) -> None:
-        for p in trained.parameters():
-            if id(p) in before and p.dtype != before[id(p)]:
-                p.data = p.data.to(before[id(p)])
+        for name, p in trained.named_parameters():
+            old = before.get(id(p), by_name.get(name))
+            if old is not None and p.dtype != old:
+                p.data = p.data.to(old)
 
     return restore
 

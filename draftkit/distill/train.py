@@ -1,15 +1,18 @@
 """Step 2 of self-data distillation: supervised fine-tuning of the student, sparsity masks held fixed.
 
 A plain training loop on :class:`accelerate.Accelerator`: the same code runs on one CPU, one GPU, or
-several processes started with ``accelerate launch`` / ``torchrun`` (DDP, or FSDP from an accelerate
-config). Loss is on response tokens only, chunked so full float32 logits never exist
+several processes started with ``accelerate launch`` / ``torchrun``: DDP, or FSDP2, either from an accelerate
+config (accelerate routes FSDP on GPUs only; on CPUs it silently falls back to DDP) or from ``fsdp``
+(``--fsdp``: draftkit shards the student itself, on any backend, gloo on CPUs included; see
+:mod:`draftkit.distill.fsdp`). Loss is on response tokens only, chunked so full float32 logits never exist
 (:mod:`draftkit.distill.loss`); precision, activation checkpointing, LoRA and the optimizer are set up by
 :mod:`draftkit.distill.prepare`.
 
 Masks: every decoder linear that has exact zeros when training starts (a sparsified student) is
-re-multiplied by its keep-mask after each optimizer step, so a weight that was zero stays exactly zero;
-with LoRA the adapter's update is masked inside the forward pass and when merged. The report's
-``zero_positions_changed`` compares the zero positions before training with the weights returned.
+re-multiplied by its keep-mask after each optimizer step (under FSDP each rank its shard), so a weight that
+was zero stays exactly zero; with LoRA the adapter's update is masked inside the forward pass and when
+merged. The report's ``zero_positions_changed`` compares the zero positions before training with the
+weights returned (under FSDP both gathered whole; the returned model is a plain, unsharded copy on the CPU).
 
 Training stops with :class:`TrainingDivergedError` as soon as the loss or a weight is NaN/Inf.
 """
@@ -30,6 +33,7 @@ from torch import nn
 
 from draftkit import console
 from draftkit.distill.config import DistillConfig
+from draftkit.distill.fsdp import MaskHold, check_fsdp, gather_full_model, is_sharded, shard_for_fsdp
 from draftkit.distill.loss import IGNORE, LossModule, collate, response_loss, tokenize_example
 from draftkit.distill.prepare import (
     InBackwardAdamW,
@@ -45,7 +49,7 @@ from draftkit.distill.prepare import (
 from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
 from draftkit.io import atomic_write_json
-from draftkit.sparsify.masks import apply_masks, extract_masks
+from draftkit.sparsify.masks import extract_masks
 
 __all__ = ["IGNORE", "MASK_MIN_SPARSITY", "TrainingDivergedError", "collate", "response_loss", "tokenize_example",
            "train_model", "train_sequences"]
@@ -154,7 +158,7 @@ def train_model(model: nn.Module, tokenizer, examples: list[Example], cfg: Disti
 def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: int, cfg: DistillConfig,
                     checkpoint_dir: str | Path | None = None, *, data_key: str = "") -> tuple[nn.Module, dict[str, Any]]:
     """The training loop on tokenized sequences (``input_ids`` and ``labels``, -100 where no loss is wanted)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from transformers import get_scheduler
 
     t0 = time.perf_counter()
@@ -164,6 +168,10 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
     torch.manual_seed(cfg.seed)
     if cfg.optimizer_in_backward and accelerator.num_processes > 1:
         raise InvalidInputError("optimizer_in_backward works in one process only: drop it for a multi-process run")
+    lora = cfg.lora_rank > 0
+    # fsdp: draftkit shards the student itself (any backend); an FSDP accelerate config (GPUs) has accelerate do it
+    own_fsdp = cfg.fsdp and accelerator.distributed_type != DistributedType.FSDP
+    check_fsdp(accelerator, lora=lora, own=own_fsdp)
 
     # keep-masks from the weights before training, of the linears at least 1% zero (a dense checkpoint's few
     # stray exact zeros are not a sparsity pattern worth a byte per weight of mask)
@@ -190,11 +198,13 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
 
     precision = resolve_precision(cfg.precision, device)
     checkpointing = enable_checkpointing(model, cfg.gradient_checkpointing)
-    lora = cfg.lora_rank > 0
     if lora:
         model = wrap_lora(model, cfg, masks)
     restore_dtypes = set_precision(model, precision, trainable_only=lora and precision == "bf16-mixed")
     model.train()
+    lm = LossModule(model, loss_fn=lambda m, b: response_loss(m, b, cfg.loss_chunk_size))
+    if own_fsdp:
+        shard_for_fsdp(lm)  # before the optimizer: it steps on the shards
     params = [p for p in model.parameters() if p.requires_grad]
     in_backward = InBackwardAdamW(params, cfg) if cfg.optimizer_in_backward else None
     if in_backward is not None:
@@ -202,8 +212,10 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
         accelerator.register_for_checkpointing(in_backward)
     else:
         optimizer, optimizer_name = make_optimizer(params, cfg)
-    lm = LossModule(model, loss_fn=lambda m, b: response_loss(m, b, cfg.loss_chunk_size))
-    lm, optimizer, train_loader = accelerator.prepare(lm, optimizer, train_loader)
+    if own_fsdp:  # sharded already: accelerate (whose type is MULTI_CPU/GPU here) would wrap it in DDP
+        optimizer, train_loader = accelerator.prepare(optimizer, train_loader)
+    else:
+        lm, optimizer, train_loader = accelerator.prepare(lm, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
@@ -217,6 +229,9 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
     # ---- resume from the last epoch checkpoint with the same settings and data ----
     fingerprint = _fingerprint(cfg, data_key, student, accelerator.num_processes)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir and cfg.checkpoints else None
+    if own_fsdp and ckpt_root is not None:
+        console.warn("--fsdp: no epoch checkpoints (accelerate saves FSDP state only from an FSDP accelerate config)")
+        ckpt_root = None
     start_epoch, step = 0, 0
     history: list[dict[str, Any]] = []
     if ckpt_root is not None:
@@ -225,9 +240,11 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
     def amp():
         return autocast(precision, device)
 
+    hold = MaskHold(masks)
+
     def hold_masks():
         if masks and not lora:
-            hold_sharded_masks(accelerator.unwrap_model(lm).model, masks)
+            hold(accelerator.unwrap_model(lm).model)
 
     eval_before = _eval_loss(lm, eval_loader, accelerator, amp) if start_epoch == 0 else None
     losses: list[float] = []
@@ -277,6 +294,8 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
         in_backward.remove()
 
     model = accelerator.unwrap_model(lm).model
+    if is_sharded(model):
+        model = gather_full_model(model)
     if checkpointing:
         disable_checkpointing(model)
     if lora:
@@ -318,24 +337,6 @@ def _token_share(batch: dict[str, torch.Tensor], accelerator) -> torch.Tensor:
     n = (batch["labels"][:, 1:] != IGNORE).sum().float()
     total = accelerator.reduce(n.clone(), reduction="sum")
     return n * accelerator.num_processes / total.clamp(min=1)
-
-
-@torch.no_grad()
-def hold_sharded_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """:func:`apply_masks`, also for FSDP2's sharded (DTensor) weights: the mask is sharded the same way."""
-    try:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-    except ImportError:  # a torch build without distributed
-        DTensor = None  # noqa: N806
-    modules = dict(model.named_modules())
-    plain = {}
-    for name, keep in masks.items():
-        w = modules[name].weight
-        if DTensor is not None and isinstance(w, DTensor):
-            w.mul_(distribute_tensor(keep.to(w.device, w.dtype), w.device_mesh, w.placements))
-        else:
-            plain[name] = keep
-    apply_masks(model, plain)
 
 
 def _changed_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:

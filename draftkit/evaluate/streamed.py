@@ -1,13 +1,13 @@
 """``draftkit eval --ppl`` on checkpoints read one decoder layer at a time.
 
 :func:`plan_eval` decides, before any weights load and by the rule the prune and sparsify stages follow
-(:func:`draftkit.streamed.choose_streaming`), whether a perplexity-only evaluation streams (the eval stage
-and the baseline then call :func:`streamed_perplexity`), and gives the
-memory estimate printed before the forward. :func:`layerwise_perplexity` then runs the perplexity of
-:mod:`draftkit.evaluate.perplexity` (the same batches, the same scored tokens) through the layer-wise
-driver: the model is a skeleton on the meta device; the embeddings are read to capture every layer's
-inputs, then each decoder layer is read from the shards, run over all batches and freed; last, the final
-norm and the head score each batch's hidden states, with logits for one chunk of scored positions at a time.
+(:func:`draftkit.streamed.choose_streaming`), whether a perplexity-only evaluation streams, and gives the
+memory estimate printed before the forward. :func:`streamed_perplexity` (the eval stage and its baseline)
+then runs the perplexity of :mod:`draftkit.evaluate.perplexity` (the same batches, the same scored tokens)
+through the layer-wise driver, :func:`layerwise_perplexity`: the model is a skeleton on the meta device;
+the embeddings are read to capture every layer's inputs, then each decoder layer is read from the shards,
+run over all batches and freed; last, the final norm and the head score each batch's hidden states, with
+logits for one chunk of scored positions at a time.
 
 Evaluations with ``--tasks`` (generation, lm-eval) need the whole model and stay resident.
 """
@@ -21,9 +21,13 @@ import torch
 from draftkit.console import track
 from draftkit.errors import InvalidInputError
 from draftkit.evaluate.perplexity import PerplexityPlan, plan_perplexity, scored_nll
-from draftkit.memory import MemoryEstimate, activation_device, announce_before_heavy_work, estimate_memory
-
-LOGITS_CHUNK = 512  # scored positions per output projection (draftkit.distill.loss.DEFAULT_CHUNK)
+from draftkit.memory import (
+    MemoryEstimate,
+    activation_device,
+    announce_before_heavy_work,
+    estimate_memory,
+    release_freed_memory,
+)
 
 
 def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, PerplexityPlan | None]:
@@ -41,6 +45,8 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
             )
         return False, None, None
     from draftkit.checkpoint import load_tokenizer
+    from draftkit.distill.loss import DEFAULT_CHUNK  # scored positions per output projection
+    from draftkit.modeling import text_config
     from draftkit.streamed import checkpoint_facts, choose_streaming, load_dtype_bytes
 
     config, device, can_stream, size = checkpoint_facts(model_name, load)
@@ -50,8 +56,8 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
     widest = max(b["input_ids"].numel() for b in plan.batches)
     total = sum(b["input_ids"].numel() for b in plan.batches)
     seqlen = max(b["input_ids"].shape[1] for b in plan.batches)
-    vocab = int(getattr(config.get_text_config(), "vocab_size", 32000))
-    logits = 2 * min(LOGITS_CHUNK, widest) * vocab * 4  # float32 logits and their log-softmax, one chunk
+    vocab = int(getattr(text_config(config), "vocab_size", 32000))
+    logits = 2 * min(DEFAULT_CHUNK, widest) * vocab * 4  # float32 logits and their log-softmax, one chunk
 
     def est(streamed: bool) -> MemoryEstimate:
         # resident: one batch's activations at a time; streamed: every batch's, between two layers
@@ -93,6 +99,7 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
             hidden[c] = out if store is None else out.to(store)
         inputs.args[i] = []  # free this layer's masks and position embeddings
         source.done(i)
+        release_freed_memory()  # so host memory stays at one layer, whatever the depth
     norm, head = source.load_head()
     transform = _logit_transform(source.model.config)
     nll, counted = 0.0, 0
