@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from draftkit import console
@@ -52,6 +52,9 @@ class ExportConfig(BaseModel):
     """Settings of ``draftkit export``."""
 
     model_config = ConfigDict(extra="forbid")
+    # set from --trust-remote-code (load.trust_remote_code) by :func:`draftkit.stages.trusting`: the other model
+    # this stage loads (eval's baseline, spec's target, export's serving target) may run its repository's code
+    _trust_remote_code: bool = PrivateAttr(False)
 
     format: Literal["auto", "sparse", "dense"] = Field(
         "auto", description="sparse (bitmask layout), dense (zeros in place), or auto: sparse when the model has sparse linears"
@@ -222,7 +225,8 @@ def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance
             from draftkit.serve import check_serving, write_serving
 
             assert cfg.target is not None  # ExportConfig requires a target with serve
-            serve = check_serving(tmp, cfg.target, cfg.serve, k=cfg.speculative_tokens, served_as=out)
+            serve = check_serving(tmp, cfg.target, cfg.serve, k=cfg.speculative_tokens, served_as=out,
+                                  trust_remote_code=cfg._trust_remote_code)
             serve["draft"] = str(out)
             write_serving(tmp, serve)
             report["serve"] = serve

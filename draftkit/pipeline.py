@@ -37,7 +37,7 @@ from draftkit.io import (
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
-from draftkit.stages import execute_stage, raise_if_gate_failed, stages, work_dir_lock
+from draftkit.stages import execute_stage, raise_if_gate_failed, stages, trusting, work_dir_lock
 from draftkit.threads import apply_threads
 
 MANIFEST = "manifest.json"
@@ -215,7 +215,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         atomic_write_json(out / MANIFEST, manifest)
         t0 = time.perf_counter()
         try:
-            cfg = _with_run_defaults(step.config, stage_dir, step.config_hash())
+            cfg = trusting(_with_run_defaults(step.config, stage_dir, step.config_hash()), load)
             if stage.check is not None:
                 stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
             if in_memory is None or in_memory[2] != current:

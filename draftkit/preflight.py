@@ -257,7 +257,7 @@ def _check_distill(c: _Collector, where: str, cfg, trust: bool, environment: boo
         if cfg.teacher is None:
             c.add(f"{where}.teacher", "regenerating the data needs a teacher (or set regenerate: false for plain SFT)")
         else:
-            c.run(f"{where}.teacher", check_model, cfg.teacher, trust_remote_code=trust)
+            c.run(f"{where}.teacher", check_model, cfg.teacher, trust_remote_code=trust or cfg.teacher_trust_remote_code)
     if cfg.dataset is None:
         c.add(f"{where}.dataset", "a dataset is required")
     else:

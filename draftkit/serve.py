@@ -67,17 +67,18 @@ def _eos_ids(config: dict[str, Any], folder: Path | None) -> set[int]:
     return ids
 
 
-def _read_config(name: str) -> tuple[dict[str, Any], Path | None]:
+def _read_config(name: str, trust_remote_code: bool = False) -> tuple[dict[str, Any], Path | None]:
     from draftkit.checkpoint import load_config, resolve_model_ref
 
     ref = resolve_model_ref(name)
     if ref.local:
         return json.loads((Path(ref.location) / "config.json").read_text()), Path(ref.location)
-    return load_config(name).to_dict(), None
+    return load_config(name, trust_remote_code=trust_remote_code).to_dict(), None
 
 
 def check_serving(draft: str | Path, target: str, engine: str, *, k: int = 4, draft_tokenizer=None,
-                  target_tokenizer=None, served_as: str | Path | None = None) -> dict[str, Any]:
+                  target_tokenizer=None, served_as: str | Path | None = None,
+                  trust_remote_code: bool = False) -> dict[str, Any]:
     """Check ``draft`` (a checkpoint folder) against ``target`` for ``engine``; see the module docstring.
 
     ``served_as`` is the path written into the invocation (default: ``draft`` itself, absolute).
@@ -89,9 +90,9 @@ def check_serving(draft: str | Path, target: str, engine: str, *, k: int = 4, dr
         raise InvalidInputError(f"unknown serving engine {engine!r}: use one of {', '.join(ENGINES)}")
     draft = Path(draft)
     d_cfg = json.loads((draft / "config.json").read_text())
-    t_cfg, t_dir = _read_config(target)
+    t_cfg, t_dir = _read_config(target, trust_remote_code)
     d_tok = draft_tokenizer or load_tokenizer(str(draft))
-    t_tok = target_tokenizer or load_tokenizer(target)
+    t_tok = target_tokenizer or load_tokenizer(target, trust_remote_code=trust_remote_code)
     checks: list[dict[str, Any]] = []
 
     def add(name: str, level: str, detail: str) -> None:

@@ -91,6 +91,19 @@ def stages() -> dict[str, Stage]:
     }
 
 
+def trusting(cfg: BaseModel, load: LoadConfig) -> BaseModel:
+    """``cfg`` with --trust-remote-code (``load.trust_remote_code``) covering the other models the stage loads:
+    distill's teacher, eval's baseline, spec's and export's target (as preflight checks them). Never set otherwise."""
+    if not load.trust_remote_code:
+        return cfg
+    if "teacher_trust_remote_code" in type(cfg).model_fields:
+        return cfg.model_copy(update={"teacher_trust_remote_code": True})
+    if hasattr(cfg, "_trust_remote_code"):
+        cfg = cfg.model_copy()
+        cfg._trust_remote_code = True
+    return cfg
+
+
 def run_stage(
     name: str,
     model_name: str,
@@ -111,6 +124,7 @@ def run_stage(
     """
     stage = stages()[name]
     load = load or LoadConfig()
+    cfg = trusting(cfg, load)
     threads = apply_threads(load.threads)
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name, *config_paths(cfg)))
     t0 = time.perf_counter()

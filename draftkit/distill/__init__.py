@@ -48,7 +48,7 @@ def check_distill(hf_config, cfg: DistillConfig) -> None:
     if cfg.regenerate and cfg.engine == "vllm":
         check_vllm()
     if cfg.regenerate and cfg.teacher is not None:
-        load_config(cfg.teacher)
+        load_config(cfg.teacher, trust_remote_code=cfg.teacher_trust_remote_code)
 
 
 def distill_model(model, tokenizer, cfg: DistillConfig) -> tuple[Any, dict[str, Any]]:

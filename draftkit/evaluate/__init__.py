@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from draftkit import console
 from draftkit.errors import DataError, InvalidInputError
@@ -27,6 +27,9 @@ class EvalConfig(BaseModel):
     """Settings of ``draftkit eval``."""
 
     model_config = ConfigDict(extra="forbid")
+    # set from --trust-remote-code (load.trust_remote_code) by :func:`draftkit.stages.trusting`: the other model
+    # this stage loads (eval's baseline, spec's target, export's serving target) may run its repository's code
+    _trust_remote_code: bool = PrivateAttr(False)
 
     tasks: list[str] = Field(
         default_factory=list,
@@ -160,7 +163,7 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
             pass
     console.info(f"evaluating the baseline {cfg.baseline}")
     # the settings of stages.LoadConfig that loading reads (stages imports this module, not the reverse)
-    load = SimpleNamespace(dtype=load_dtype, device=device, stream="auto", trust_remote_code=False)
+    load = SimpleNamespace(dtype=load_dtype, device=device, stream="auto", trust_remote_code=cfg._trust_remote_code)
     results = measure(cfg.baseline, cfg, load)
     if cfg.cache:
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from torch import nn
 
 from draftkit import console
@@ -47,6 +47,9 @@ class SpecConfig(BaseModel):
     """Settings of ``draftkit spec``."""
 
     model_config = ConfigDict(extra="forbid")
+    # set from --trust-remote-code (load.trust_remote_code) by :func:`draftkit.stages.trusting`: the other model
+    # this stage loads (eval's baseline, spec's target, export's serving target) may run its repository's code
+    _trust_remote_code: bool = PrivateAttr(False)
 
     target: str = Field(..., description="the target model the draft speculates for (directory, .gguf file, alias or hub id)")
     prompts: str = Field(..., description="prompts: a file (.jsonl/.json/.csv/.parquet with a prompt/question/messages/text "
@@ -240,5 +243,5 @@ def spec_stage(model, tokenizer, cfg: SpecConfig):
     # fail on a bad prompts file before the target loads
     read_prompts(cfg.prompts, tokenizer, chat=False, limit=1, split=cfg.split, column=cfg.column)
     device = str(next(model.parameters()).device)
-    target, target_tok = load_model_and_tokenizer(cfg.target, device=device)
+    target, target_tok = load_model_and_tokenizer(cfg.target, device=device, trust_remote_code=cfg._trust_remote_code)
     return model, run_spec(model, tokenizer, target, target_tok, cfg)
