@@ -21,7 +21,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from draftkit.checkpoint import load_config, load_tokenizer, resolve_device, resolve_model_ref, torch_dtype
+from draftkit.checkpoint import (
+    is_sparse_checkpoint,
+    load_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_ref,
+    torch_dtype,
+)
 from draftkit.checkpoint.stream import STREAM_ABOVE_BYTES, is_streamable
 from draftkit.errors import InvalidInputError
 from draftkit.memory import (
@@ -138,6 +145,8 @@ def run_streamed(name: str, model_name: str, cfg: BaseModel, *, out: Path, load,
     t0 = time.perf_counter()
     ref = resolve_model_ref(model_name)
     config = load_config(model_name, trust_remote_code=load.trust_remote_code)
+    if is_sparse_checkpoint(ref.location) and hasattr(config, "quantization_config"):
+        del config.quantization_config  # read decompressed, written dense: a dense output has no sparsity_config
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
     device = resolve_device(load.device)
     dtype = None if load.dtype == "auto" else torch_dtype(load.dtype)

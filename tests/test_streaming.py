@@ -54,6 +54,7 @@ def test_streamed_prune_equals_resident(arch, tiny_models, calib_file, tmp_path)
     on, off = reports["on"], reports["off"]
     assert on["dropped_layers"] == off["dropped_layers"]
     assert on["block_distances"] == off["block_distances"] and on["block_influence"] == off["block_influence"]
+    assert on["streamed"] is True and not off.get("streamed")  # the comparison is of a streamed run with a resident one
     assert (on["params_before"], on["params_after"]) == (off["params_before"], off["params_after"])
     a, b = _weights(tmp_path / "on"), _weights(tmp_path / "off")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -278,3 +279,22 @@ def test_streamed_sparsify_on_gpu_holds_one_layer(tiny_models, calib_file, tmp_p
     for k in a:
         agree = float(((a[k] == 0) == (b[k] == 0)).float().mean())
         assert agree > 0.98, k
+
+
+@pytest.mark.parametrize("stage", ["prune", "sparsify"])
+def test_streamed_output_of_a_sparse_export_is_plain_dense(stage, tiny_llama, calib_file, tmp_path):
+    """A sparse-bitmask input is read decompressed and written dense: its config must not keep the input's
+    quantization_config (sparsity_config), or plain transformers / vLLM cannot load the output."""
+    from draftkit.export import ExportConfig
+    from tests._helpers_export_eval import make_sparse_model
+
+    src = make_sparse_model(tiny_llama, tmp_path / "src", 0.5)
+    run_stage("export", str(src), ExportConfig(format="sparse"), out=tmp_path / "exp")
+    assert "quantization_config" in json.loads((tmp_path / "exp" / "config.json").read_text())
+    calib = CalibConfig(path=str(calib_file), samples=4, seqlen=32)
+    cfg = PruneConfig(drop="2") if stage == "prune" else SparsifyConfig(method="wanda", sparsity=0.6, calib=calib)
+    report = run_stage(stage, str(tmp_path / "exp"), cfg, out=tmp_path / "out", load=LoadConfig(stream="on"))
+    assert report["streamed"] is True
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == (5 if stage == "prune" else 6)
