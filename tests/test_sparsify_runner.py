@@ -87,3 +87,21 @@ def test_sparsegpt_beats_magnitude_on_layer_error(tiny_llama, calib_file):
         _, report = sparsify_model(model, tok, _cfg(calib_file, method=method, sparsity=0.5))
         errs[method] = report["mean_rel_error"]
     assert errs["sparsegpt"] < errs["wanda"]
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("chunk_tokens", [None, 96])
+def test_linear_never_called_is_pruned_by_magnitude(method, chunk_tokens, tiny_llama, calib_file):
+    """A linear the calibration forward never calls (an unused expert) has no Hessian: it is pruned by magnitude,
+    and the report says so (it used to end in an internal AttributeError)."""
+    from draftkit.sparsify.baselines import magnitude_mask
+
+    model, tok = load_model_and_tokenizer(str(tiny_llama))
+    mlp = decoder_layers(model)[1].mlp
+    mlp.forward = lambda x: nn.functional.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+    W = mlp.down_proj.weight.detach().clone()
+    model, report = sparsify_model(model, tok, _cfg(calib_file, method=method, sparsity=0.5, chunk_tokens=chunk_tokens))
+    entry = report["modules"]["model.layers.1.mlp.down_proj"]
+    assert entry["pruned_by"].startswith("magnitude") and entry["sparsity"] == pytest.approx(0.5)
+    assert torch.equal(mlp.down_proj.weight != 0, ~magnitude_mask(W, sparsity=0.5))
+    assert "pruned_by" not in report["modules"]["model.layers.1.mlp.up_proj"]

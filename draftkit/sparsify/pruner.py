@@ -67,7 +67,9 @@ class LayerPruner:
             self.bar.update(0, status=self.names[lins[0]])
         t0 = time.perf_counter()
         n_m = cfg.nm or (0, 0)
-        if cfg.method == "sparsegpt":
+        # a linear never called during the calibration forward (e.g. an unused expert) has no Hessian: magnitude
+        method = cfg.method if group.H is not None else "magnitude"
+        if method == "sparsegpt":
             if group.inv is None:
                 group.inv = inverse_hessian_cholesky(group.H, cfg.dampening)
                 if group.inv.retries:
@@ -85,7 +87,7 @@ class LayerPruner:
             new_weights = []
             for lin in lins:
                 W = lin.weight.detach()
-                if cfg.method == "wanda":
+                if method == "wanda":
                     mask = wanda_mask(W, torch.diag(group.H), sparsity=cfg.target_sparsity, prune_n=n_m[0], prune_m=n_m[1])
                 else:
                     mask = magnitude_mask(W, sparsity=cfg.target_sparsity, prune_n=n_m[0], prune_m=n_m[1])
@@ -101,6 +103,8 @@ class LayerPruner:
         entry: dict[str, Any] = {"shape": list(W.shape)}
         if group.H is not None:
             entry["rel_error"] = reconstruction_error(W, W_new, group.H)
+        elif self.cfg.method != "magnitude":
+            entry["pruned_by"] = "magnitude (not called during the calibration forward)"
         if self.cfg.method == "sparsegpt" and group.inv is not None and group.inv.retries:
             entry["dampening"] = group.inv.dampening
         lin.weight.data.copy_(W_new.to(device=lin.weight.device, dtype=lin.weight.dtype))
