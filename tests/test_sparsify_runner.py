@@ -105,3 +105,17 @@ def test_linear_never_called_is_pruned_by_magnitude(method, chunk_tokens, tiny_l
     assert entry["pruned_by"].startswith("magnitude") and entry["sparsity"] == pytest.approx(0.5)
     assert torch.equal(mlp.down_proj.weight != 0, ~magnitude_mask(W, sparsity=0.5))
     assert "pruned_by" not in report["modules"]["model.layers.1.mlp.up_proj"]
+
+
+def test_hessian_that_cannot_be_factored_is_bad_input(tiny_llama, calib_file, monkeypatch):
+    """SparseGPT's Cholesky failing even after the retries reaches the user as one line (exit 2), not an
+    internal error: the fix (more samples, a larger --dampening) is theirs to make."""
+    from draftkit.errors import InvalidInputError
+    from draftkit.sparsify import pruner
+
+    real = pruner.inverse_hessian_cholesky
+    # a negative definite Hessian: no dampening makes it positive definite
+    monkeypatch.setattr(pruner, "inverse_hessian_cholesky", lambda H, d: real(-H - torch.eye(len(H)), d, max_retries=1))
+    model, tok = load_model_and_tokenizer(str(tiny_llama))
+    with pytest.raises(InvalidInputError, match=r"self_attn\.q_proj: .*--dampening"):
+        sparsify_model(model, tok, _cfg(calib_file, method="sparsegpt", sparsity=0.5))

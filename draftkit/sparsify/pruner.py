@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from draftkit import console
+from draftkit.errors import InvalidInputError
 from draftkit.sparsify.baselines import magnitude_mask, wanda_mask
 from draftkit.sparsify.config import SparsifyConfig
 from draftkit.sparsify.sparsegpt import (
@@ -71,7 +72,10 @@ class LayerPruner:
         method = cfg.method if group.H is not None else "magnitude"
         if method == "sparsegpt":
             if group.inv is None:
-                group.inv = inverse_hessian_cholesky(group.H, cfg.dampening)
+                try:
+                    group.inv = inverse_hessian_cholesky(group.H, cfg.dampening)
+                except torch.linalg.LinAlgError as exc:  # bad input (too few samples, too little dampening)
+                    raise InvalidInputError(f"{self.names[lins[0]]}: {exc}") from None
                 if group.inv.retries:
                     console.warn(
                         f"{self.names[lins[0]]}: Cholesky failed, retried with dampening {group.inv.dampening:g} "
