@@ -6,7 +6,7 @@ target), the content of its data files (calibration, dataset, prompts, perplexit
 fingerprint of the stage before it, so a change anywhere reruns that stage and every later one.
 
 Content hashes read every byte (sha256) once; the result is cached per file by (size, mtime, inode) in
-``~/.cache/draftkit/content-hashes.json`` (``DRAFTKIT_CACHE`` moves it), so an unchanged 16 GB model is not
+``~/.cache/draftkit/content-hashes.json`` (``DRAFTKIT_CACHE_DIR`` moves it, like the eval cache), so an unchanged 16 GB model is not
 re-read on each run. A hub id is identified by the commit of its snapshot in the local hub cache.
 """
 
@@ -30,8 +30,9 @@ _CHUNK = 1 << 22
 
 
 def _cache_path() -> Path:
-    root = Path(os.environ.get("DRAFTKIT_CACHE") or Path.home() / ".cache" / "draftkit")
-    return root / "content-hashes.json"
+    from draftkit.io import cache_root
+
+    return cache_root() / "content-hashes.json"
 
 
 class _HashCache:

@@ -28,6 +28,14 @@ from typing import Any
 from draftkit.errors import InvalidInputError, OutputExistsError
 from draftkit.provenance import PROVENANCE_FILE
 
+
+def cache_root() -> Path:
+    """draftkit's cache folder (eval baselines, content hashes): ``$DRAFTKIT_CACHE_DIR`` (``$DRAFTKIT_CACHE`` is
+    read too), else ``~/.cache/draftkit``."""
+    env = os.environ.get("DRAFTKIT_CACHE_DIR") or os.environ.get("DRAFTKIT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "draftkit"
+
+
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".draftkit.lock"  # draftkit.lock.LOCK_FILE
 REPORT_FILE = "report.json"

@@ -186,3 +186,25 @@ def test_unknown_lm_eval_task_lists_close_matches_real_index():
     with pytest.raises(InvalidInputError, match="did you mean arc_easy"):
         lmeval_mod.check_tasks(["arc_easyy"])
     lmeval_mod.check_tasks(["arc_easy", "hellaswag"])  # known names pass (no dataset download needed)
+
+
+def test_baseline_cache_is_per_dtype_and_one_cache_variable(tiny_llama, text_file, tmp_path, monkeypatch):
+    """A baseline measured in float32 is not reused for a bfloat16 one; DRAFTKIT_CACHE_DIR moves the eval cache and
+    the content-hash cache alike (DRAFTKIT_CACHE is read too)."""
+    import draftkit.evaluate as ev
+    from draftkit.fingerprint import _cache_path
+
+    monkeypatch.delenv("DRAFTKIT_CACHE", raising=False)
+    monkeypatch.setenv("DRAFTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    measured = []
+    monkeypatch.setattr(ev, "measure", lambda name, cfg, load: measured.append(load.dtype) or {"perplexity": {"perplexity": 2.0}})
+    cfg = EvalConfig(ppl=str(text_file), ppl_seqlen=64, baseline=str(tiny_llama))
+    assert ev.baseline_results(cfg, load_dtype="float32")[1] is False
+    assert ev.baseline_results(cfg, load_dtype="float32")[1] is True
+    assert ev.baseline_results(cfg, load_dtype="bfloat16")[1] is False
+    assert measured == ["float32", "bfloat16"]
+    assert ev._cache_file(cfg, "float32").is_relative_to(tmp_path / "cache")
+    assert _cache_path() == tmp_path / "cache" / "content-hashes.json"
+    monkeypatch.delenv("DRAFTKIT_CACHE_DIR")
+    monkeypatch.setenv("DRAFTKIT_CACHE", str(tmp_path / "other"))
+    assert ev._cache_file(cfg, "float32").is_relative_to(tmp_path / "other")

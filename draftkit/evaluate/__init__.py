@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,8 @@ def recovery(value: float, base: float, metric: str) -> float | None:
     return value / base if base else None
 
 
-def _cache_file(cfg: EvalConfig) -> Path:
+def _cache_file(cfg: EvalConfig, dtype: str = "auto") -> Path:
+    """The cached results of ``cfg.baseline`` evaluated as ``cfg`` says, loaded in ``dtype``."""
     from draftkit._version import __version__
     from draftkit.provenance import directory_hash
     from draftkit.refs import resolve_model_ref
@@ -140,9 +140,11 @@ def _cache_file(cfg: EvalConfig) -> Path:
     for key in ("ppl", "arith_data"):
         path = getattr(cfg, key)
         settings[f"{key}_hash"] = _file_hash(path) if path else None
+    settings["dtype"] = dtype  # a bfloat16 baseline measures differently from a float32 one
     key = json.dumps([directory_hash(ref.location) if ref.local else ref.location, settings, __version__], sort_keys=True)
-    root = Path(os.environ.get("DRAFTKIT_CACHE_DIR") or Path.home() / ".cache" / "draftkit")
-    return root / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    from draftkit.io import cache_root
+
+    return cache_root() / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
 def _file_hash(path: str) -> str:
@@ -155,7 +157,7 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
 
     from draftkit.io import atomic_write_json
 
-    file = _cache_file(cfg)
+    file = _cache_file(cfg, load_dtype)
     if cfg.cache and file.is_file():
         try:
             return json.loads(file.read_text())["results"], True
