@@ -18,6 +18,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Fail before any work when a plot is asked for and matplotlib is missing (one line, exit 2)."""
+    _pyplot()
+
+
 def plot_block_distances(report: dict, path: str | Path) -> Path:
     """Angular distance per start layer, the dropped block marked."""
     plt = _pyplot()

@@ -14,8 +14,8 @@ _PREFERRED = {
     "sparsify": ["method", "pattern", "sparsity", "mean_rel_error"],
     "distill": ["regenerate.acceptance_rate", "train.steps", "train.eval_loss_before", "train.eval_loss_after",
                 "train.zero_positions_changed"],
-    "export": ["format", "bytes", "bytes_dense", "ratio_to_dense", "serve.status"],
-    "eval": ["mean_recovery", "metrics", "recovery"],
+    "export": ["format", "bytes_on_disk", "dense_bytes", "ratio_to_dense", "serve.status"],
+    "eval": ["mean_recovery", "recovery", "tasks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
 _SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}

@@ -172,3 +172,25 @@ def test_version_and_bare_help():
     assert r.exit_code == 0 and r.stdout.strip() == f"draftkit {__version__}"
     r = runner.invoke(app, [])  # bare `draftkit` shows the help (click's usage exit code)
     assert r.exit_code in (0, 2) and "prune" in r.output and "sparsify" in r.output and "Traceback" not in r.output
+
+
+def test_plot_without_matplotlib_fails_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    import sys
+
+    import draftkit.prune
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(draftkit.prune, "prune_model", lambda *a: pytest.fail("pruned before the plot was checked"))
+    out = tmp_path / "out"
+    r = run("prune", tiny_llama, "--drop", "2", "-o", out, "--plot", tmp_path / "d.png")
+    assert_one_line_error(r, "matplotlib")
+    assert not out.exists()
+
+
+def test_output_help_says_where_the_default_goes(tiny_llama, tmp_path, monkeypatch):
+    from draftkit.cli._common import default_output
+
+    r = run("prune", "--help")
+    assert "current folder" in " ".join(r.stdout.split())
+    monkeypatch.chdir(tmp_path)
+    assert default_output(str(tiny_llama), "prune2").resolve() == tmp_path / f"{tiny_llama.name}-prune2"

@@ -195,3 +195,16 @@ def test_stages_registered_with_strict_configs():
             reg[name].config(**good, unknown_setting=1)
     with pytest.raises(ValidationError):
         reg["spec"].config(target="t", prompts="p", k=0)
+
+
+def test_run_report_table_shows_export_sizes_and_eval_results(tiny_llama, tmp_path):
+    """report.md's headline columns read keys the stages' reports really have (sizes, task results)."""
+    from draftkit.report import stage_metrics
+
+    src = make_sparse_model(tiny_llama, tmp_path / "src", 0.5)
+    report = run_stage("export", str(src), ExportConfig(format="sparse"), out=tmp_path / "out")
+    assert list(stage_metrics("export", report))[:4] == ["format", "bytes_on_disk", "dense_bytes", "ratio_to_dense"]
+    evaluated = {"tasks": {"perplexity": {"perplexity": 12.5}}, "primary": {"perplexity": "perplexity"},
+                 "baseline": {"model": "b", "tasks": {}, "cached": False}, "recovery": {"perplexity": 0.9},
+                 "mean_recovery": 0.9}  # the keys of draftkit.evaluate.evaluate's report
+    assert list(stage_metrics("eval", evaluated))[:3] == ["mean_recovery", "recovery", "tasks"]

@@ -26,7 +26,7 @@ ModelArg = Annotated[str, typer.Argument(help="local model directory, .gguf file
 class Output(BaseModel):
     """Where a command writes and how it prints: ``-o/--output``, ``--overwrite``, ``--json``, ``-q/--quiet``."""
 
-    output: Path | None = Field(None, description="output directory (default: beside the input, named after the stage)")
+    output: Path | None = Field(None, description="output directory (default: in the current folder, named after the input and the stage, e.g. MODEL-prune)")
     overwrite: bool = Field(False, description="replace the output directory if it exists")
     as_json: bool = Field(False, description="print the report as JSON on stdout (logs go to stderr)")
     quiet: bool = Field(False, description="no progress bars or logs")

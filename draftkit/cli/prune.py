@@ -42,6 +42,10 @@ def prune(
     config = build(PruneConfig, **cfg, calib=build(CalibConfig, "calib", **calib))
     n = f"{config.layers}" if config.layers else "x"
     out = io.output or default_output(model, f"prune{n}")
+    if plot is not None:
+        from draftkit.plots import require_matplotlib
+
+        require_matplotlib()  # before hours of scoring, not after the output is written
     report = run_stage("prune", model, config, out=out, load=build(LoadConfig, **load), overwrite=io.overwrite)
     if plot is not None and report.get("block_distances"):
         from draftkit.plots import plot_block_distances
