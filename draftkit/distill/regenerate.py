@@ -230,6 +230,7 @@ def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, keys: di
         engine = HFEngine(model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)  # only once the teacher has loaded
+    keys = {**keys, **rows_source(cfg)}  # a hub teacher downloaded just now: its snapshot's commit is known only now
     buffer: list[dict[str, Any]] = []
     last_flush = time.perf_counter()
     t0 = time.perf_counter()
