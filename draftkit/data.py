@@ -220,9 +220,13 @@ def model_max_length(model) -> int | None:
 def calibration_samples(tokenizer, cfg: CalibConfig, *, max_len: int | None = None) -> list[torch.Tensor]:
     """Tokenized calibration sequences (1-D LongTensors), each at most ``seqlen`` tokens.
 
-    Rows are rendered (chat template for prompt/response or ``messages`` rows), tokenized and packed
-    into a stream separated by EOS, which is cut into ``samples`` windows of ``seqlen`` tokens; when the
-    data holds fewer tokens than that, the windows are as many as it fills (the last may be shorter).
+    Rows are taken in a seeded random order. Chat rows (prompt/response or ``messages``) are rendered
+    through the chat template and packed with EOS between them; plain text (a ``.txt`` file's paragraphs or a
+    ``text`` column) is joined as text, with the blank line that separates its paragraphs and no EOS, so the
+    windows read like the text itself (an EOS inside running text costs SparseGPT quality: see
+    ``benchmarks/sparsify_vs_llmcompressor.py``). The stream is cut into ``samples`` windows of ``seqlen``
+    tokens; when the data holds fewer tokens than that, the windows are as many as it fills (the last may be
+    shorter).
 
     Raises:
         DataError: the source is missing, empty or yields no tokens.
@@ -236,12 +240,16 @@ def calibration_samples(tokenizer, cfg: CalibConfig, *, max_len: int | None = No
     seqlen = min(cfg.seqlen, max_len) if max_len else cfg.seqlen
     need = cfg.samples * seqlen
     stream: list[int] = []
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    plain = "text" in mapping
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not plain else []
     for i in order:
         text = row_text(rows[i], mapping, tokenizer).strip()
         if not text:
             continue
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if plain:  # running text: special tokens only where the text starts, paragraphs kept apart by a blank line
+            ids = tokenizer(text + "\n\n", add_special_tokens=not stream)["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         stream.extend(ids + sep)
         if len(stream) >= need:
             break
