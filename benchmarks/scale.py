@@ -87,7 +87,15 @@ def write_random_checkpoint(out: Path, shape: dict, layers: int | None, tokenize
 
 
 def make_tokenizer_and_data(work: Path) -> tuple[Path, Path]:
+    before = os.environ.get("DRAFTKIT_THREADS")
     from tests.conftest import build_tokenizer, make_rows
+
+    # tests/conftest.py pins DRAFTKIT_THREADS=1 for the test suite; the measured commands must not inherit it
+    # (an earlier run of this script timed the new tree with 1 thread against the reference's 2)
+    if before is None:
+        os.environ.pop("DRAFTKIT_THREADS", None)
+    else:
+        os.environ["DRAFTKIT_THREADS"] = before
 
     tok = work / "tokenizer"
     build_tokenizer(tok)
@@ -145,6 +153,7 @@ def run(cmd: list[str], *, env_path: Path = ROOT, lock: bool = True) -> dict:
     peak_file.unlink()
     return {"seconds": round(wall, 2), "peak_rss_mb": round(peak_kb / 1024, 1), "loadavg_start": round(load, 2),
             "streamed": bool(report.get("streamed")), "report_seconds": report.get("seconds"),
+            "threads": report.get("threads"),
             "estimate_gb": report.get("memory_estimate_gb"),
             "stderr_estimate": next((l for l in stderr.splitlines() if "memory estimate" in l), None)}
 
@@ -260,16 +269,19 @@ def small(work: Path, tok: Path, data: Path, ref: str, repeats: int, only: str =
                 continue
             times: dict[str, list[float]] = {"new": [], "ref": []}
             rss: dict[str, list[float]] = {"new": [], "ref": []}
+            threads: list = []
             for _ in range(repeats):
                 for which, tree in (("ref", old), ("new", ROOT)):
                     o = work / f"o-{which}"
                     r = run([*cmd, "-o", str(o), "--overwrite"], env_path=tree)
                     times[which].append(r["seconds"])
+                    if which == "new":
+                        threads.append(r["threads"])  # the new tree picks its thread count (--threads auto)
                     rss[which].append(r["peak_rss_mb"])
                     shutil.rmtree(o, ignore_errors=True)
             med = {k: statistics.median(v) for k, v in times.items()}
             rows[name] = {"loadavg": round(os.getloadavg()[0], 2), "seconds": times, "median_seconds": med, "peak_rss_mb": rss,
-                          "new_over_ref": round(med["new"] / med["ref"], 3)}
+                          "new_threads": threads, "new_over_ref": round(med["new"] / med["ref"], 3)}
             print(name, json.dumps(rows[name]), flush=True)
             if save is not None:
                 save({"ref": ref, "repeats": repeats, "cases": rows, "partial": True})

@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored")
     ap.add_argument("--study", action="store_true", help="also run the calibration-sample study")
     ap.add_argument("--no-compare", action="store_true", help="only the study")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="draftkit options of one more draftkit run added to the saved comparison (against its "
+                         "llm-compressor run), e.g. --extra='--stream on --chunk-tokens 8192'")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.worker == "llmc":
@@ -310,7 +313,10 @@ def main() -> None:
             result["calibration_study"] = {"rows": study(model_dir, calib, heldout, args),
                                            "note": "in process, draftkit's SparseGPT, one run per variant"}
             out_path.write_text(json.dumps(result, indent=2) + "\n")
-        if not args.no_compare:
+        if args.extra:
+            extra_runs(result["comparison"], model_dir, calib, heldout, work, args)
+            out_path.write_text(json.dumps(result, indent=2) + "\n")
+        elif not args.no_compare:
             result["comparison"] = compare(model_dir, calib, heldout, work, args)
             out_path.write_text(json.dumps(result, indent=2) + "\n")
     finally:
@@ -338,13 +344,8 @@ def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> di
                                     "--calib", str(calib), "--sparsity", str(args.sparsity), *common,
                                     "--output", str(outs["llm-compressor"])])
     log(f"  {runs['llm-compressor']}")
-    res = work / "eval.json"
-    models = [str(model_dir), *(str(o) for o in outs.values())]
     log("perplexity")
-    subprocess.run([sys.executable, __file__, "--worker", "eval", "--eval-models", ",".join(models), "--heldout",
-                    str(heldout), "--seqlen", str(args.seqlen), "--ppl-tokens", str(args.ppl_tokens), "--result",
-                    str(res)], check=True, cwd=ROOT)
-    ev = json.loads(res.read_text())
+    ev = evaluate([str(model_dir), *(str(o) for o in outs.values())], heldout, work, args)
     for tool, o in outs.items():
         runs[tool].update(ev[str(o)])
     from transformers import AutoConfig
@@ -365,6 +366,35 @@ def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> di
             "ratios_draftkit_over_llmc": ratios, "ratios_over_llmc": all_ratios,
             "targets": {"time_le_0.5": ratios["time"] <= 0.5, "peak_rss_le_0.8": ratios["peak_rss"] <= 0.8,
                         "perplexity_le_1.0": ratios["perplexity"] <= 1.0}}
+
+
+def evaluate(models: list[str], heldout: Path, work: Path, args) -> dict:
+    """Perplexity and sparsity of each model folder, in one evaluator process."""
+    res = work / "eval.json"
+    subprocess.run([sys.executable, __file__, "--worker", "eval", "--eval-models", ",".join(models), "--heldout",
+                    str(heldout), "--seqlen", str(args.seqlen), "--ppl-tokens", str(args.ppl_tokens), "--result",
+                    str(res)], check=True, cwd=ROOT)
+    return json.loads(res.read_text())
+
+
+def extra_runs(c: dict, model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> None:
+    """More draftkit settings, each one process like the others, added to the saved comparison ``c``."""
+    common = ["--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+    lc = c["runs"]["llm-compressor"]
+    for i, opts in enumerate(args.extra):
+        name = f"draftkit {opts}"
+        out = work / f"out-extra-{i}"
+        log(name)
+        run = timed([sys.executable, "-c", _DRAFTKIT, "sparsify", str(model_dir), "--sparsity", str(args.sparsity),
+                     "--calib", str(calib), *common, *opts.split(), "-o", str(out), "-q"])
+        run.update(evaluate([str(out)], heldout, work, args)[str(out)])
+        run["x_floor"] = round(run["seconds"] / c["floor_seconds"], 2)
+        run["note"] = "run after the others, on the same machine, alone"
+        log(f"  {run}")
+        c["runs"][name] = run
+        c["ratios_over_llmc"][name] = {"time": round(run["seconds"] / lc["seconds"], 3),
+                                       "peak_rss": round(run["peak_rss_mb"] / lc["peak_rss_mb"], 3),
+                                       "perplexity": round(run["perplexity"] / lc["perplexity"], 4)}
 
 
 def table(result: dict) -> str:
