@@ -107,6 +107,20 @@ def make_tiny_model(arch: str, tokenizer_dir: Path, out: Path, layers: int = 6, 
     return out
 
 
+def make_tied_llama(tokenizer_dir: Path, out: Path, layers: int) -> Path:
+    """A tiny Llama with a tied head, stored once under the embeddings' key (as SmolLM2 and Llama-3.2-1B are)."""
+    from safetensors.torch import load_file, save_file
+
+    make_tiny_model("llama", tokenizer_dir, out, layers=layers)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(cfg))
+    w = load_file(out / "model.safetensors")
+    w.pop("lm_head.weight")
+    save_file(w, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
     """One saved tiny random model per architecture (6 layers, hidden 64)."""

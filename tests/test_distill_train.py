@@ -99,9 +99,8 @@ def test_sparse_student_keeps_its_zeros(tiny_llama, sft_file, lora_rank):
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
-def test_checkpoint_resume_continues_from_last_epoch(tiny_llama, sft_file, tmp_path, monkeypatch):
-    cfg = _cfg(sft_file, epochs=2, checkpoints=True)
-    examples = load_examples(cfg)
+def _die_in_epoch_2(monkeypatch):
+    """Make training raise KeyboardInterrupt on the 2nd batch of epoch 2; returns the real loss function."""
     calls = {"n": 0}
     real = train_mod.response_loss
 
@@ -111,8 +110,15 @@ def test_checkpoint_resume_continues_from_last_epoch(tiny_llama, sft_file, tmp_p
             raise KeyboardInterrupt
         return real(model, batch, *args)
 
-    model, tok = _load(tiny_llama)
     monkeypatch.setattr(train_mod, "response_loss", dies_in_epoch_2)
+    return real
+
+
+def test_checkpoint_resume_continues_from_last_epoch(tiny_llama, sft_file, tmp_path, monkeypatch):
+    cfg = _cfg(sft_file, epochs=2, checkpoints=True)
+    examples = load_examples(cfg)
+    model, tok = _load(tiny_llama)
+    real = _die_in_epoch_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_model(model, tok, examples, cfg, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "epoch-1" / "trainer.json").is_file()
@@ -133,16 +139,7 @@ def test_checkpoint_of_another_student_is_not_resumed(tiny_llama, sft_file, tmp_
     (another pruning or sparsity of the same model): B trains afresh and says why."""
     cfg = _cfg(sft_file, epochs=2, checkpoints=True)
     examples = load_examples(cfg)
-    calls = {"n": 0}
-    real = train_mod.response_loss
-
-    def dies_in_epoch_2(model, batch, *args):
-        calls["n"] += 1
-        if calls["n"] == 3 + 1 + 2:
-            raise KeyboardInterrupt
-        return real(model, batch, *args)
-
-    monkeypatch.setattr(train_mod, "response_loss", dies_in_epoch_2)
+    real = _die_in_epoch_2(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_model(_load(tiny_llama)[0], _load(tiny_llama)[1], examples, cfg, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "epoch-1" / "trainer.json").is_file()

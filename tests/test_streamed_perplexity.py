@@ -83,17 +83,9 @@ def test_streamed_perplexity_holds_one_layer_at_a_time(tiny_models, ppl_files, t
 
 def test_streamed_perplexity_tied_head(tiny_tokenizer_dir, ppl_files, tmp_path):
     """A tied head (stored once, under the embeddings' key) is read back for the scoring."""
-    from safetensors.torch import load_file, save_file
+    from tests.conftest import make_tied_llama
 
-    from tests.conftest import make_tiny_model
-
-    src = make_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tied", layers=2)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (src / "config.json").write_text(json.dumps(cfg))
-    w = load_file(src / "model.safetensors")
-    w.pop("lm_head.weight")
-    save_file(w, src / "model.safetensors", metadata={"format": "pt"})
+    src = make_tied_llama(tiny_tokenizer_dir, tmp_path / "tied", layers=2)
     on = _ppl(src, ppl_files["text"], tmp_path, "on")["tasks"]["perplexity"]
     off = _ppl(src, ppl_files["text"], tmp_path, "off")["tasks"]["perplexity"]
     assert abs(on["perplexity"] - off["perplexity"]) <= 1e-6 * off["perplexity"]

@@ -241,17 +241,9 @@ def test_streamed_output_with_nan_is_not_saved(tiny_llama, tmp_path):
 
 def test_streamed_tied_embeddings(tiny_tokenizer_dir, calib_file, tmp_path):
     """A tied head (SmolLM2, Llama-3.2-1B) is stored once, under the embeddings' key, and stays tied."""
-    from tests.conftest import make_tiny_model
+    from tests.conftest import make_tied_llama
 
-    src = make_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "tied", layers=3)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (src / "config.json").write_text(json.dumps(cfg))
-    w = load_file(src / "model.safetensors")
-    w.pop("lm_head.weight")
-    from safetensors.torch import save_file
-
-    save_file(w, src / "model.safetensors", metadata={"format": "pt"})
+    src = make_tied_llama(tiny_tokenizer_dir, tmp_path / "tied", layers=3)
     scfg = SparsifyConfig(sparsity=0.5, calib=CalibConfig(path=str(calib_file), samples=4, seqlen=32))
     for mode in ("off", "on"):
         run_stage("sparsify", str(src), scfg, out=tmp_path / mode, load=LoadConfig(stream=mode))
