@@ -144,12 +144,14 @@ def run_stage(
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
                 return report
         elif name == "eval":  # a perplexity-only evaluation streams by the same rule
-            from draftkit.evaluate import streamed_eval_stage
+            from draftkit.evaluate import planned_eval_stage, streamed_eval_stage
             from draftkit.evaluate.streamed import plan_eval
 
             streamed, estimate, plan = plan_eval(model_name, cfg, load)
             if streamed:
                 stage = replace(stage, run=streamed_eval_stage(model_name, load, estimate, plan))
+            elif plan is not None:
+                stage = replace(stage, run=planned_eval_stage(plan))
         if streamed:  # eval: the stage reads the checkpoint's shards itself
             model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
         else:

@@ -46,6 +46,25 @@ def test_streamed_perplexity_equals_resident(arch, data, tiny_models, ppl_files,
     assert {"weights", "activations", "logits"} <= on["memory_estimate_gb"].keys()
 
 
+def test_resident_perplexity_tokenizes_the_file_once(tiny_llama, ppl_files, tmp_path, monkeypatch):
+    """The batches made for the memory estimate are the ones scored: the file is not read and tokenized again."""
+    from draftkit.evaluate import perplexity as ppl_mod
+    from draftkit.evaluate import streamed as streamed_mod
+
+    calls = []
+    real = ppl_mod.plan_perplexity
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppl_mod, "plan_perplexity", counted)
+    monkeypatch.setattr(streamed_mod, "plan_perplexity", counted)
+    off = _ppl(tiny_llama, ppl_files["text"], tmp_path, "off")
+    assert not off.get("streamed") and off["tasks"]["perplexity"]["tokens"] > 0
+    assert len(calls) == 1
+
+
 def test_streamed_perplexity_holds_one_layer_at_a_time(tiny_models, ppl_files, tmp_path, monkeypatch):
     """Each decoder layer is read once, when no other layer (nor the embeddings) is materialised; the head
     is read after the last layer is freed; the whole model is never loaded."""

@@ -190,6 +190,10 @@ def measure(model_name: str, cfg: EvalConfig, load) -> dict[str, dict[str, Any]]
                                                 trust_remote_code=load.trust_remote_code)
     if estimate is not None:
         announce_before_heavy_work(estimate)
+    if plan is not None:  # perplexity only: the batches plan_eval made (the file is not tokenized twice)
+        from draftkit.evaluate.perplexity import resident_perplexity
+
+        return {PPL_TASK: resident_perplexity(model, plan)}
     return run_tasks(model, tokenizer, cfg)
 
 
@@ -205,6 +209,18 @@ def streamed_eval_stage(model_name: str, load, estimate, plan):
         report["streamed"] = True
         report["memory_estimate_gb"] = estimate_facts(estimate)
         return None, report
+
+    return run
+
+
+def planned_eval_stage(plan):
+    """The eval stage function for a resident perplexity-only evaluation: it scores the batches
+    :func:`draftkit.evaluate.streamed.plan_eval` already made for the memory estimate."""
+    from draftkit.evaluate.perplexity import resident_perplexity
+
+    def run(model, tokenizer, cfg: EvalConfig):
+        results = {PPL_TASK: resident_perplexity(model, plan)}
+        return model, evaluate(model, tokenizer, cfg, device=str(next(model.parameters()).device), results=results)
 
     return run
 

@@ -63,7 +63,7 @@ def perplexity(model, tokenizer, source: str | Path | list[dict[str, Any]], *, s
     """
     plan = plan_perplexity(model.config, tokenizer, source, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
                            batch_size=batch_size)
-    return _resident_perplexity(model, plan)
+    return resident_perplexity(model, plan)
 
 
 def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
@@ -174,7 +174,8 @@ def scored_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, tran
 
 
 @torch.no_grad()
-def _resident_perplexity(model, plan: PerplexityPlan) -> dict[str, Any]:
+def resident_perplexity(model, plan: PerplexityPlan) -> dict[str, Any]:
+    """Perplexity of an in-memory ``model`` on batches :func:`plan_perplexity` already made."""
     from draftkit.distill.loss import _causal_lm, _logit_transform
 
     lm = _causal_lm(model)
