@@ -79,6 +79,14 @@ def pruned(target, tok, drop: int, calib: Path) -> tuple[Any, dict]:
     return model.eval(), {"dropped_layers": rep["dropped_layers"], "layers_after": rep["layers_after"]}
 
 
+def dynamic_prediction(counts: dict[str, int], c: float, v: list[float]) -> float:
+    """Committed tokens over the predicted time of the dynamic run's steps (in target one-token forwards)."""
+    from draftkit.evaluate.cost import step_cost
+
+    steps = [(tuple(int(x) for x in key.split(",")), n) for key, n in counts.items()]
+    return sum((1 + a) * n for (_, a), n in steps) / sum(step_cost(p, c, v) * n for (p, _), n in steps)
+
+
 def measure(name: str, draft, target, tok, prompts: Path, args, prune: dict) -> dict[str, Any]:
     from draftkit.evaluate.spec import SpecConfig, run_spec
 
@@ -133,7 +141,9 @@ def measure(name: str, draft, target, tok, prompts: Path, args, prune: dict) -> 
             "proposed_draft_tokens": dyn["proposed_draft_tokens"],
             "policies": dyn["tapout"]["policies"],
             "prompts": dyn["prompts"],
-            "predicted_speedup": dyn["predicted_speedup"],
+            "predicted_speedup_own_costs": dyn["predicted_speedup"],
+            # with the costs measured in the fixed-k run, so the two predictions share one measurement
+            "predicted_speedup": dynamic_prediction(dyn["steps_by_proposed_accepted"], cm["c"], cm["v"]),
             "best_fixed_k": cm.get("best_k"),
             "best_fixed_k_predicted_speedup": cm.get("best_k_predicted_speedup"),
         },
