@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
+from draftkit.branches import input_identity, stage_models
 from draftkit.checkpoint import load_config, load_model_and_tokenizer
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
 from draftkit.fingerprint import explain, model_identity, stage_fingerprint
@@ -119,7 +120,9 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     for step in recipe.steps:
         stage_dir = out / step.dirname
         prev = entries.get(str(step.index), {})
-        input_id = _input_id(current) if not upstream_runs else f"output of a stage that reruns: {current}"
+        models = stage_models(recipe, step, out) if registry[step.name].reads == "models" else None
+        input_id = (input_identity(models) if models is not None else _input_id(current)) if not upstream_runs \
+            else f"output of a stage that reruns: {current}"
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load,
                                       input_id=input_id, previous=previous)
         forced = force_from is not None and step.index >= force_from
@@ -190,7 +193,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         stage = registry[step.name]
         stage_dir = out / step.dirname
         key = str(step.index)
-        input_hash = _input_id(current)
+        models = stage_models(recipe, step, out) if stage.reads == "models" else None
+        input_hash = input_identity(models) if models is not None else _input_id(current)
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load_json,
                                       input_id=input_hash, previous=previous)
         previous = fp
@@ -216,16 +220,21 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         t0 = time.perf_counter()
         try:
             cfg = trusting(_with_run_defaults(step.config, stage_dir, step.config_hash()), load)
-            if stage.check is not None:
-                stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
-            if in_memory is None or in_memory[2] != current:
-                model, tok = load_model_and_tokenizer(current, dtype=load.dtype, device=load.device,
-                                        trust_remote_code=load.trust_remote_code)
-                in_memory = (model, tok, current)
-            model, tok, _ = in_memory
-            with work_dir_lock(cfg, f"run ({step.dirname})"):
-                model, tok, report = execute_stage(stage, model, tok, cfg, out=stage_dir, source=current, load=load,
-                                                   overwrite=True, arguments={"recipe": recipe.name, "step": step.index})
+            if models is not None:  # merge: reads its models from their checkpoints
+                model = tok = None
+                report = stage.run(models, cfg, out=stage_dir, load=load, overwrite=True,
+                                   arguments={"recipe": recipe.name, "step": step.index})
+            else:
+                if stage.check is not None:
+                    stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
+                if in_memory is None or in_memory[2] != current:
+                    model, tok = load_model_and_tokenizer(current, dtype=load.dtype, device=load.device,
+                                                          trust_remote_code=load.trust_remote_code)
+                    in_memory = (model, tok, current)
+                model, tok, _ = in_memory
+                with work_dir_lock(cfg, f"run ({step.dirname})"):
+                    model, tok, report = execute_stage(stage, model, tok, cfg, out=stage_dir, source=current, load=load,
+                                                       overwrite=True, arguments={"recipe": recipe.name, "step": step.index})
         except BaseException as exc:
             entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -246,7 +255,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
                         "seconds": seconds, "report": report})
         if stage.save is None:  # the stage produced the model the next stage reads
             current = str(stage_dir)
-            in_memory = (model, tok, current)
+            in_memory = (model, tok, current) if model is not None else None
 
     from draftkit.report import write_run_report
 

@@ -117,9 +117,9 @@ def option_spec(fields: Fields, name: str) -> tuple[Any, Any]:
     elif typing.get_origin(kind) is Literal:
         metavar = "[" + "|".join(str(c) for c in typing.get_args(kind)) + "]"
         kind = str
-    elif typing.get_origin(kind) is list and typing.get_args(kind) in ((str,), ()):
-        kind, optional = str, True  # comma-separated on the command line
-        default = ",".join(default) if default else None
+    elif typing.get_origin(kind) is list and typing.get_args(kind) in ((str,), (), (float,), (int,)):
+        kind, optional = str, True  # comma-separated on the command line (pydantic converts the items)
+        default = ",".join(map(str, default)) if default else None
         help_text += " (comma-separated)"
     elif kind not in (int, float, str, Path):  # a new field type: teach this function its option
         raise TypeError(f"{fields.model.__name__}.{name}: no command-line option for type {f.annotation!r}")
