@@ -33,6 +33,8 @@ HARMLESS_WARNINGS = (
     r".*`torch_dtype` is deprecated.*",
     r".*generation flags are not valid and may be ignored.*",
     r".*Setting `pad_token_id` to `eos_token_id`.*",
+    r".*`past_key_values` is deprecated.*",  # transformers 5.x renames the cache argument; every decode says so
+    r".*`is_gradient_checkpointing` is deprecated.*",  # said by transformers itself when training
 )
 
 

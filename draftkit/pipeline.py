@@ -94,7 +94,7 @@ def _decide(step, stage_dir: Path, prev: dict[str, Any], fp: str, parts: dict[st
         return False, "--from"
     if prev.get("status") not in ("done", "gate_failed"):
         return False, {None: "never run", "running": "killed before it finished",
-                       "failed": "failed last time"}.get(prev.get("status"), "not finished")
+                       "failed": "failed last time", "interrupted": "interrupted last time"}.get(prev.get("status"), "not finished")
     if "fingerprint" not in prev:
         return False, "made by an older draftkit (no fingerprint)"
     if not stage_dir.exists():
@@ -227,11 +227,11 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
                 model, tok, report = execute_stage(stage, model, tok, cfg, out=stage_dir, source=current, load=load,
                                                    overwrite=True, arguments={"recipe": recipe.name, "step": step.index})
         except BaseException as exc:
-            entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
+            entries[key].update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
-            if isinstance(exc, DraftkitError):
-                raise type(exc)(f"{step.dirname}: {exc}") from exc
+            if isinstance(exc, DraftkitError):  # the same error (its type and attributes), its place in front
+                exc.args = (f"{step.dirname}: {exc}", *exc.args[1:])
             raise
         seconds = round(time.perf_counter() - t0, 3)
         status = "done"

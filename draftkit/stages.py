@@ -130,7 +130,7 @@ def run_stage(
     t0 = time.perf_counter()
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
-    with work_dir_lock(cfg, stage.name):
+    with output_lock_of(out, stage.name), work_dir_lock(cfg, stage.name):
         from draftkit.memory import announce_before_heavy_work
 
         estimate, streamed = None, False
@@ -206,6 +206,17 @@ def execute_stage(
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
     return model, tokenizer, report
+
+
+def output_lock_of(out: Path, what: str):
+    """The lock of a command's output (:func:`draftkit.lock.output_lock`); rank 0 alone holds it."""
+    from contextlib import nullcontext
+
+    from draftkit.lock import output_lock
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()
+    return output_lock(out, what)
 
 
 def work_dir_lock(cfg: BaseModel, what: str):

@@ -171,8 +171,12 @@ def _root(
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from draftkit.signals import stops_as_interrupts
+
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        with stops_as_interrupts():  # SIGTERM as Ctrl-C from the start (a command's handle_errors says more)
+            app()
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)
+        sys.stderr.write("terminated (SIGTERM)\n" if code == 143 else "interrupted\n")
+        sys.exit(code)
