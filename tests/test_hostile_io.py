@@ -117,19 +117,28 @@ def test_a_recipe_of_megabytes_is_refused_before_parsing(tmp_path):
 # ---- hard stops ----------------------------------------------------------------------------------
 
 
+def _signal_in_stage(monkeypatch, signum: int, at_call: int) -> None:
+    """Send ``signum`` to this process when a prune stage runs for the ``at_call``-th time (resident or streamed)."""
+    import draftkit.streamed
+
+    calls = {"n": 0}
+
+    def wrap(real):
+        def run_it(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == at_call:
+                os.kill(os.getpid(), signum)
+            return real(*args, **kwargs)
+        return run_it
+
+    monkeypatch.setattr(draftkit.prune, "prune_model", wrap(draftkit.prune.prune_model))
+    monkeypatch.setattr(draftkit.streamed, "run_streamed", wrap(draftkit.streamed.run_streamed))
+
+
 def test_sigterm_is_handled_like_ctrl_c(tiny_llama, calib_file, tmp_path, monkeypatch):
     rec = write_recipe(tmp_path, tiny_llama, calib_file)
     out = tmp_path / "run"
-    real = draftkit.prune.prune_model
-    calls = {"n": 0}
-
-    def terminated(model, tok, cfg):
-        calls["n"] += 1
-        if calls["n"] == 2:  # in the middle of stage 1, as `timeout -s TERM` would
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, tok, cfg)
-
-    monkeypatch.setattr(draftkit.prune, "prune_model", terminated)
+    _signal_in_stage(monkeypatch, signal.SIGTERM, at_call=2)  # in the middle of stage 1, as `timeout -s TERM` would
     before = signal.getsignal(signal.SIGTERM)
     line = one_line(invoke("run", rec, "--quiet"), code=EXIT_TERMINATED, prefix="terminated (SIGTERM)")
     assert "re-run to resume" in line
@@ -139,7 +148,7 @@ def test_sigterm_is_handled_like_ctrl_c(tiny_llama, calib_file, tmp_path, monkey
     assert not (out / ".draftkit.lock").exists()
     assert not (out / "01-prune").exists() and not list(out.glob(".*.tmp-*"))
 
-    monkeypatch.setattr(draftkit.prune, "prune_model", real)
+    monkeypatch.undo()
     r = invoke("run", rec, "--json")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
@@ -149,13 +158,7 @@ def test_sigterm_is_handled_like_ctrl_c(tiny_llama, calib_file, tmp_path, monkey
 
 def test_ctrl_c_takes_the_same_path(tiny_llama, calib_file, tmp_path, monkeypatch):
     rec = write_recipe(tmp_path, tiny_llama, calib_file)
-    real = draftkit.prune.prune_model
-
-    def interrupted(model, tok, cfg):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(model, tok, cfg)
-
-    monkeypatch.setattr(draftkit.prune, "prune_model", interrupted)
+    _signal_in_stage(monkeypatch, signal.SIGINT, at_call=1)
     one_line(invoke("run", rec, "--quiet"), code=130, prefix="interrupted:")
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["0"]["status"] == "interrupted"
