@@ -26,6 +26,7 @@ from draftkit import console
 from draftkit.checkpoint import load_config, load_model_and_tokenizer
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
 from draftkit.fingerprint import explain, model_identity, stage_fingerprint
+from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.io import (
     atomic_dir,
     atomic_write_json,
@@ -37,6 +38,7 @@ from draftkit.io import (
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
+from draftkit.report import write_error_report
 from draftkit.stages import execute_stage, raise_if_gate_failed, stages, trusting, work_dir_lock
 from draftkit.threads import apply_threads
 
@@ -200,10 +202,15 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         reusable = reusable and prev.get("stage") == step.name
         if reusable:
             console.info(f"[dim]{step.dirname}: unchanged, skipped (output {stage_dir})[/dim]")
-            report = prev.get("report", {})
-            results.append({"stage": step.name, "dir": str(stage_dir), "status": prev["status"], "skipped": True,
+            # thresholds are not in the fingerprint: today's gates judge the stored metrics again
+            report = rejudge_stored(step.name, step.config, prev.get("report", {}), stage_dir)
+            status = "gate_failed" if report.get("passed") is False else "done"
+            if status != prev["status"]:
+                entries[key].update(status=status, report=report)
+                atomic_write_json(out / MANIFEST, manifest)
+            results.append({"stage": step.name, "dir": str(stage_dir), "status": status, "skipped": True,
                             "seconds": prev.get("seconds"), "report": report})
-            if prev["status"] == "gate_failed":
+            if status == "gate_failed":
                 gate_failures.append(f"{step.dirname}: {report.get('gate', {}).get('message', 'gate failed')}")
             if stage.save is None:
                 current, in_memory = str(stage_dir), None
@@ -230,6 +237,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
             entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
+            write_error_report(out, {"recipe": recipe.name, "model": recipe.header.model, "output": str(out),
+                                     "failed_stage": step.dirname, "stages": results}, exc)
             if isinstance(exc, DraftkitError):
                 raise type(exc)(f"{step.dirname}: {exc}") from exc
             raise
@@ -250,7 +259,9 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
 
     from draftkit.report import write_run_report
 
+    passed, gates = run_verdict(results)
     run_report = {
+        "passed": passed and not gate_failures,
         "recipe": recipe.name,
         "model": recipe.header.model,
         "output": str(out),
@@ -258,6 +269,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         "seconds": round(time.perf_counter() - t_run, 3),
         "threads": threads,
         "gate_failures": gate_failures,
+        "gates": gates,
         "stages": results,
     }
     write_run_report(run_report, out)

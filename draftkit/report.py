@@ -18,7 +18,7 @@ _PREFERRED = {
     "eval": ["mean_recovery", "recovery", "tasks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
-_SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
+_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
 
 
 def _fmt(v: Any) -> str:
@@ -79,6 +79,13 @@ def to_markdown(run_report: dict[str, Any]) -> str:
         status = s["status"] + (" (skipped, unchanged)" if s.get("skipped") else "")
         secs = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else ""
         lines.append(f"| {i} | {s['stage']} | {status} | {secs} | {m.replace('|', '/')} |")
+    if run_report.get("gates"):
+        lines += ["", f"## Gates: {'passed' if run_report.get('passed') else 'FAILED'}", "",
+                  "| stage | gate | metric | value | threshold | verdict |", "|---|---|---|---:|---:|---|"]
+        for g in run_report["gates"]:
+            value = _fmt(g["value"]) if g.get("value") is not None else "n/a"
+            lines.append(f"| {g['index']:02d}-{g['stage']} | {g['gate']} | {g['metric']} | {value} | {_fmt(g['threshold'])} "
+                         f"| {'pass' if g['passed'] else '**fail**'} |")
     if run_report.get("gate_failures"):
         lines += ["", "**Quality gate failed:** " + "; ".join(run_report["gate_failures"])]
     for s in run_report["stages"]:
@@ -174,3 +181,16 @@ def render(run_report: dict[str, Any]) -> None:
     console.out.print(f"final model: {run_report['final_model']}; report: {Path(run_report['output']) / 'report.md'}")
     for f in run_report.get("gate_failures", []):
         console.out.print(f"[red]quality gate failed[/red]: {f}")
+
+
+def write_error_report(out: Path, run_report: dict[str, Any], exc: BaseException) -> None:
+    """report.json of a run a stage failed in: the stages done so far, ``passed: false`` and the error object
+    with its exit code (CI reads a verdict, never a missing or empty report)."""
+    from draftkit.errors import error_object
+    from draftkit.gates import run_verdict
+
+    _, gates = run_verdict(run_report.get("stages", []))
+    try:
+        atomic_write_json(out / "report.json", {**error_object(exc), "gates": gates, **run_report})
+    except OSError:  # the error being reported matters more than its report
+        pass

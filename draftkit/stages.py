@@ -189,6 +189,9 @@ def execute_stage(
     :func:`raise_if_gate_failed`.
     """
     model, report = stage.run(model, tokenizer, cfg)
+    from draftkit.gates import judge
+
+    judge(stage.name, cfg, report)  # report["gates"], ["passed"] (and ["gate"] when a threshold is set)
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
     provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
     if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output

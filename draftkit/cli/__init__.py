@@ -173,6 +173,13 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
+    except SystemExit as exc:  # a usage error click reported (exit 2) before any command ran: --json still gets JSON
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code and "--json" in sys.argv[1:]:
+            from draftkit.cli._common import print_json_error
+
+            print_json_error("invalid command line (the message is on stderr)", code)
+        raise
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
