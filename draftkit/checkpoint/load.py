@@ -195,13 +195,14 @@ def _load_pretrained(ref: ModelRef, dtype: str, trust_remote_code: bool):
 
 @contextlib.contextmanager
 def _gguf_progress() -> Iterator[None]:
-    """transformers' GGUF reader draws its own tqdm bar: hide it when draftkit's progress is off."""
+    """transformers' GGUF reader draws its own tqdm bar: shown only with --verbose (and progress on), like the
+    other libraries' bars."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from draftkit.console import progress_enabled
+    from draftkit.console import progress_enabled, verbose
 
     original = gguf_utils.tqdm
-    if not progress_enabled():
+    if not (progress_enabled() and verbose()):
         gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield

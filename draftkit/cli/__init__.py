@@ -38,7 +38,7 @@ _LAZY: dict[str, tuple[str, str, str, str]] = {
     "recipes": ("draftkit.cli.run", "recipes_app", "group", "List, show and validate recipes."),
     "inspect": ("draftkit.cli.info", "inspect", "command",
                 "Show a model's architecture, layers, parameters, dtype, per-layer sparsity and draftkit provenance."),
-    "models": ("draftkit.cli.info", "models", "command", "List the short model names draftkit accepts and the hub ids they stand for."),
+    "models": ("draftkit.cli.models", "models", "command", "List the short model names draftkit accepts and the hub ids they stand for."),
 }
 
 

@@ -80,6 +80,10 @@ def check_eval(hf_config, cfg: EvalConfig) -> None:
         if path and not Path(path).is_file():
             raise DataError(f"{name} file {path} does not exist")
     check_tasks(cfg.lm_eval_tasks(), cfg.include_path, local=LOCAL_TASKS + (f"--ppl ({PPL_TASK})",))
+    if cfg.lm_eval_tasks():
+        from draftkit.hub import offline_if_unreachable
+
+        offline_if_unreachable()  # without network the tasks' datasets come from the cache or fail at once
     if cfg.baseline:
         from draftkit.refs import resolve_model_ref
 
