@@ -360,21 +360,3 @@ def _check_memory(c: _Collector, estimates: dict[int, int], device: str) -> None
         c.add("load.device", f"the largest stage (stage {worst}) needs about {estimates[worst] / 2**30:.1f} GiB, "
                              f"more than {what} ({total / 2**30:.1f} GiB)")
 
-
-def check_inputs(stage: str, model_name: str, cfg) -> None:
-    """A command's inputs, named as inputs before its output is looked at: the model resolves, and every local
-    data file the stage's config names exists (a mistyped path is not reported as "output exists")."""
-    from draftkit.errors import DataError
-    from draftkit.fingerprint import REFERENCES, _get
-    from draftkit.refs import resolve_model_ref
-
-    resolve_model_ref(model_name)
-    data = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
-    for field, kind in REFERENCES.get(stage, ()):
-        value = _get(data, field)
-        if not isinstance(value, str) or not value:
-            continue
-        if kind == "model":
-            resolve_model_ref(value)
-        elif _is_local(value) and not Path(value).expanduser().exists():
-            raise DataError(f"{field.split('.')[0]} file {value} does not exist")

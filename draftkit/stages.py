@@ -126,7 +126,7 @@ def run_stage(
     load = load or LoadConfig()
     cfg = trusting(cfg, load)
     threads = apply_threads(load.threads)
-    from draftkit.preflight import check_inputs
+    from draftkit.inputs import check_inputs
 
     check_inputs(name, model_name, cfg)  # a mistyped input is named before the output is looked at
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name, *config_paths(cfg)))
