@@ -1,7 +1,8 @@
 """Quality gates: thresholds on what a stage measured, judged apart from the measurement.
 
 A gate is a config field of a measuring stage (eval: ``min_recovery`` on the mean, ``min_task_recovery`` on each
-task; spec: ``min_mal``, ``min_acceptance``, ``min_speedup``). It does not change what the stage computes, so it is
+task; spec: ``min_mal``, ``min_acceptance``, ``min_speedup``; both: ``max_regression`` against the last run, judged
+by :mod:`draftkit.compare`). It does not change what the stage computes, so it is
 not part of the stage's fingerprint (:func:`without_gates`): a changed threshold re-reads the stored metrics and
 re-judges them (:func:`judge`) instead of rerunning the stage.
 
@@ -25,8 +26,12 @@ GATES: dict[str, tuple[tuple[str, str, str], ...]] = {
 SPEEDUP_KEYS = ("speedup", "engine_speedup")
 
 
+# relative gates, judged on the run report against the last run (draftkit.compare)
+RELATIVE: dict[str, tuple[str, ...]] = {"eval": ("max_regression",), "spec": ("max_regression",)}
+
+
 def gate_fields(stage: str) -> tuple[str, ...]:
-    return tuple(f for f, _, _ in GATES.get(stage, ()))
+    return tuple(f for f, _, _ in GATES.get(stage, ())) + RELATIVE.get(stage, ())
 
 
 def without_gates(stage: str, config: dict[str, Any]) -> dict[str, Any]:

@@ -64,27 +64,31 @@ def _start_index(recipe: Recipe, from_stage: str | None) -> int | None:
     raise InvalidInputError(f"--from {from_stage!r} names no stage of this recipe; stages: {names}")
 
 
-def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False,
+        compare: list[str] | None = None) -> dict[str, Any]:
     """Run every stage of ``recipe``; returns the run report (also written as report.json/report.md).
 
     Before anything is written, the output folder is checked and every stage's checks run
     (:func:`draftkit.preflight.preflight`): a recipe that would fail at its last stage fails now, listing
     every problem. With ``dry_run`` nothing runs or is written: the plan is returned (see :func:`plan`).
+    ``compare``: earlier runs (folders or report.json, oldest first) to compare with (:mod:`draftkit.compare`).
 
     Raises:
         PreflightError: the recipe would fail (every problem listed; nothing written).
         GateFailedError: a quality gate failed (all stages still ran and the report is written).
         DraftkitError: a stage failed; earlier outputs and the manifest are kept.
     """
+    from draftkit.compare import load_previous
     from draftkit.preflight import check_recipe
 
+    earlier = load_previous(compare or [])  # a wrong --compare fails before anything runs
     out = check_run_output(recipe)
     force_from = _start_index(recipe, from_stage)
     resolve_model_ref(recipe.header.model)  # a missing model fails before anything is written
     check_recipe(recipe)
     if dry_run:
         return plan(recipe, from_stage=from_stage)
-    return _run(recipe, out, force_from, fresh=not out.exists())
+    return _run(recipe, out, force_from, fresh=not out.exists(), earlier=earlier)
 
 
 def _input_id(path: str) -> str:
@@ -143,12 +147,13 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     return {"recipe": recipe.name, "output": str(out), "dry_run": True, "stages": rows}
 
 
-def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool) -> dict[str, Any]:
+def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool,
+         earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     threads = apply_threads(recipe.header.load.threads)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "run"):  # a LockedError (another run holds the folder) leaves it alone
         try:
-            return _run_locked(recipe, out, force_from, threads)
+            return _run_locked(recipe, out, force_from, threads, earlier or [])
         except InvalidInputError:
             # bad input before any stage started, in a folder this run made: nothing of value, nothing left
             # behind. Once a stage started (its rows, checkpoints, .work folders) everything is kept.
@@ -170,7 +175,8 @@ def check_run_output(recipe: Recipe) -> Path:
     return check_output_dir(out, overwrite=True, inputs=inputs)
 
 
-def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int) -> dict[str, Any]:
+def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
+                earlier: list[dict[str, Any]]) -> dict[str, Any]:
     console.info(f"[dim]{threads} CPU thread(s) for torch (load.threads, --threads or DRAFTKIT_THREADS to change)[/dim]")
     for stale in out.glob(".*.tmp-*"):  # left by a killed run; never a finished output
         shutil.rmtree(stale, ignore_errors=True)
@@ -270,6 +276,9 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         "gates": gates,
         "stages": results,
     }
+    from draftkit.compare import apply as compare_runs
+
+    compare_runs(run_report, earlier, [step.config for step in recipe.steps])  # night over night, relative gates
     write_run_report(run_report, out)
     if gate_failures:
         err = GateFailedError("; ".join(gate_failures))

@@ -88,6 +88,10 @@ def to_markdown(run_report: dict[str, Any]) -> str:
                          f"| {'pass' if g['passed'] else '**fail**'} |")
     if run_report.get("gate_failures"):
         lines += ["", "**Quality gate failed:** " + "; ".join(run_report["gate_failures"])]
+    if run_report.get("comparison"):
+        from draftkit.compare import to_markdown as comparison_markdown
+
+        lines += comparison_markdown(run_report["comparison"])
     for s in run_report["stages"]:
         serve = (s.get("report") or {}).get("serve")
         if serve:
@@ -135,6 +139,10 @@ def make_plots(run_report: dict[str, Any], out: Path) -> list[str]:
                 items = [(k, v) for k, v in rec.items() if isinstance(v, (int, float))]
                 if items:
                     made.append(_bar(items, out / "plots" / "recovery.png", gate=(r.get("gate") or {}).get("min_recovery")))
+    if run_report.get("comparison"):
+        from draftkit.compare import plot as plot_comparison
+
+        made += [p for p in [plot_comparison(run_report["comparison"], out / "plots" / "night_over_night.png")] if p]
     return [str(p) for p in made]
 
 
@@ -179,6 +187,9 @@ def render(run_report: dict[str, Any]) -> None:
         t.add_row(str(i), s["stage"], s["status"] + (" (skipped)" if s.get("skipped") else ""), secs, m)
     console.out.print(t)
     console.out.print(f"final model: {run_report['final_model']}; report: {Path(run_report['output']) / 'report.md'}")
+    comparison = run_report.get("comparison")
+    if comparison:
+        console.out.print(f"night over night ({comparison['labels'][-2]} -> now): {comparison['message']}")
     for f in run_report.get("gate_failures", []):
         console.out.print(f"[red]quality gate failed[/red]: {f}")
 

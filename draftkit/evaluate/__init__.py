@@ -54,13 +54,17 @@ class EvalConfig(BaseModel):
     min_task_recovery: float | None = Field(
         None, gt=0, description="fail (exit code 3) when any one task's recovery against the baseline is below this"
     )
+    max_regression: float | None = Field(
+        None, gt=0, lt=1, description="fail (exit code 3) when the mean recovery fell by more than this fraction "
+        "from the last run (a recipe run with --compare)"
+    )
     cache: bool = Field(True, description="reuse baseline results cached by model hash and settings")
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         if not self.tasks and not self.ppl:
             raise ValueError("nothing to evaluate: pass --tasks (e.g. tiny-arith) and/or --ppl FILE")
-        for gate in ("min_recovery", "min_task_recovery"):
+        for gate in ("min_recovery", "min_task_recovery", "max_regression"):
             if getattr(self, gate) is not None and not self.baseline:
                 raise ValueError(f"--{gate.replace('_', '-')} needs --baseline (the model to recover against)")
         dup = {t for t in self.tasks if self.tasks.count(t) > 1}

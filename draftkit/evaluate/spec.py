@@ -80,6 +80,8 @@ class SpecConfig(BaseModel):
                                          "(accepted / proposed draft tokens) is below this")
     min_speedup: float | None = Field(None, gt=0, description="fail (exit code 3) when the speedup an engine measured "
                                       "(--engine hf or vllm) is below this")
+    max_regression: float | None = Field(None, gt=0, lt=1, description="fail (exit code 3) when the MAL fell by more "
+                                         "than this fraction from the last run (a recipe run with --compare)")
 
     @model_validator(mode="after")
     def _gates(self) -> SpecConfig:
