@@ -49,6 +49,9 @@ def test_spec_gates_and_thresholds_left_out_of_the_fingerprint():
     assert [(g["gate"], g["value"], g["passed"]) for g in res] == [("min_mal", 2.1, True), ("min_acceptance", 0.3, False)]
     assert evaluate_gates("spec", {"min_speedup": 1.2}, {"speedup": {"median": 1.3}})[0]["passed"] is True
     assert evaluate_gates("spec", {"min_speedup": 1.2}, {})[0]["passed"] is False  # not measured: never a pass
+    from draftkit.evaluate.spec import SpecConfig
+
+    assert SpecConfig(target="t", prompts="p.jsonl", engine="hf", min_speedup=1.1).min_speedup == 1.1
     assert without_gates("spec", {"k": 4, "min_mal": 2.0, "min_speedup": None}) == {"k": 4}
     assert without_gates("prune", {"layers": 2}) == {"layers": 2}
 
