@@ -33,7 +33,8 @@ _LAZY: dict[str, tuple[str, str, str, str]] = {
     "eval": ("draftkit.cli.evaluate", "evaluate", "command",
              "Evaluate a model; with --baseline, report quality recovery and gate on it (exit code 3)."),
     "spec": ("draftkit.cli.spec", "spec", "command",
-             "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL) and expected speedup."),
+             "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL), the speedup measured "
+             "in an engine (--engine), the latency cost model's prediction for every k, and a dynamic k (--k dynamic)."),
     "merge": ("draftkit.cli.merge", "merge", "command",
               "Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks."),
     "run": ("draftkit.cli.run", "run", "command", "Run a recipe's stages in order, resuming where a previous run stopped."),
