@@ -48,10 +48,16 @@ class RecipeHeader(BaseModel):
     stages: list[Any] = Field(min_length=1, description="stage entries, each {stage_name: settings}")
 
 
+# Keys an entry may carry beside its stage: ``from`` (the stage whose output it starts from) and ``name``
+# (a label other stages use to name it). See draftkit.branches.
+STEP_KEYS = ("from", "name")
+
+
 def _stage_tag(value: Any) -> str | None:
-    """The stage an entry names: the single key of ``{prune: {...}}`` (or of a validated step)."""
+    """The stage an entry names: the one key of ``{prune: {...}}`` besides ``from``/``name`` (or of a validated step)."""
     if isinstance(value, dict):
-        return next(iter(value)) if len(value) == 1 else None
+        keys = [k for k in value if k not in STEP_KEYS]
+        return keys[0] if len(keys) == 1 else None
     return getattr(value, "stage_name", None)
 
 
@@ -66,12 +72,17 @@ def recipe_model() -> type[RecipeHeader]:
             f"{stage.config.__name__.removesuffix('Config')}Step",
             __config__=ConfigDict(extra="forbid"),
             **{name: (stage.config, Field(description=stage.config.__doc__ or name))},
+            from_=(str | int | None, Field(None, alias="from", description="the stage whose output this one starts "
+                                           "from (its name, index or folder; default: the model-making stage before it)")),
+            label=(str | None, Field(None, alias="name", pattern=r"^[A-Za-z_][\w.-]*$",
+                                     description="a name other stages use for this one (from:, merge models:)")),
         )
         step.stage_name = name  # type: ignore[attr-defined]
         members.append(Annotated[step, Tag(name)])
     entry = Annotated[Union[tuple(members)], Discriminator(  # noqa: UP007 - built at run time
         _stage_tag, custom_error_type="stage_entry",
-        custom_error_message="each stage is a one-key mapping such as `prune: {layers: 2}`")]
+        custom_error_message="each stage is a one-key mapping such as `prune: {layers: 2}` "
+                             "(optionally with from: and name: beside the key)")]
     return create_model(
         "RecipeConfig", __base__=RecipeHeader,
         stages=(list[entry], Field(min_length=1, description="stage entries, each {stage_name: settings}")),
@@ -83,6 +94,8 @@ class StageStep:
     index: int
     name: str
     config: BaseModel
+    source: str | None = None  # ``from:``: the stage whose output this one reads (draftkit.branches.find_step)
+    label: str | None = None  # ``name:``
 
     @property
     def dirname(self) -> str:
@@ -186,8 +199,9 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", overrides: list[str] 
     entries = data.get("stages") if isinstance(data.get("stages"), list) else []
     for i, entry in enumerate(entries):
         loc = ("stages", str(i))
-        if isinstance(entry, dict) and len(entry) == 1:
-            (name, settings), = entry.items()
+        keys = [k for k in entry if k not in STEP_KEYS] if isinstance(entry, dict) else []
+        if len(keys) == 1:
+            name, settings = keys[0], entry[keys[0]]
             if name not in registry:
                 raise RecipeError(f"{place(loc + (name,))}: stages[{i}]: unknown stage {name!r}; "
                                   f"stages: {', '.join(registry)}")
@@ -198,18 +212,20 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", overrides: list[str] 
         config = model_cls.model_validate(data)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
-        lines: dict[str, None] = {}
-        used = 0
-        for e in errors:
-            used += 1
-            lines.setdefault(_error_line(e, model_cls, registry, place))
-            if len(lines) == MAX_ERROR_LINES:
-                break
-        more = len(errors) - used
-        raise RecipeError("\n".join([*lines, *([f"... and {more:,} more problems"] if more > 0 else [])])) from None
-    steps = [StageStep(i, type(entry).stage_name, getattr(entry, type(entry).stage_name))
+        lines = list(dict.fromkeys(_error_line(e, model_cls, registry, place) for e in errors[:MAX_ERROR_LINES]))
+        more = len(errors) - MAX_ERROR_LINES
+        raise RecipeError("\n".join(lines + ([f"... and {more:,} more problems"] if more > 0 else []))) from None
+    steps = [StageStep(i, type(entry).stage_name, getattr(entry, type(entry).stage_name),
+                       None if entry.from_ is None else str(entry.from_), entry.label)
              for i, entry in enumerate(config.stages)]
-    return Recipe(header=config, steps=steps, resolved=data, source=filename)
+    recipe = Recipe(header=config, steps=steps, resolved=data, source=filename)
+    from draftkit.branches import check_branches
+
+    try:
+        check_branches(recipe)
+    except InvalidInputError as exc:
+        raise RecipeError(f"{filename}: {exc}") from None
+    return recipe
 
 
 def _error_line(e: dict, model_cls: type[BaseModel], registry: dict, place) -> str:
@@ -331,9 +347,8 @@ def interpolate(value: Any, root: dict, where=lambda loc: "<recipe>", _path: tup
                 _memo: dict | None = None) -> Any:
     """Replace ``${path}`` and ``${env:NAME}`` in every string of ``value``.
 
-    ``where(key_path)`` names the place in the source for error messages. Each reference is resolved once
-    (strings that name each other nine times a level cannot multiply the work), and a string that grows
-    past MAX_INTERPOLATED characters is refused.
+    ``where(key_path)`` names the place in the source for error messages. Each reference is resolved once (no
+    exponential work) and a string that grows past MAX_INTERPOLATED characters is refused.
     """
     import os
 
