@@ -121,9 +121,11 @@ def sample_rows(source: str, split: str = "train", n: int = SAMPLE_ROWS) -> list
     files = _cached_dataset_files(name, config or None, split)
     if files:
         return _read_head(files, n)
-    if _offline():
-        raise DataError(f"hub dataset {source} (split {split}) is not in the local hub cache and the hub is offline "
-                        "(HF_HUB_OFFLINE=1): download it first, or name a local file")
+    from draftkit.hub import offline_if_unreachable, unreachable_hint
+
+    if _offline() or offline_if_unreachable():
+        raise DataError(f"hub dataset {source} (split {split}) is not in the local hub cache and {unreachable_hint()}: "
+                        "download it first, or name a local file")
     try:
         import datasets
 
@@ -211,10 +213,16 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
     if environment:
         _check_device(c, load.device)
     draft_tok_source = recipe.header.model  # no stage changes the tokenizer
+    configs: dict[int, Any] = {}  # the config each stage's output has (a from: stage starts from that one's)
     for step in recipe.steps:
         where = f"stages[{step.index}].{step.name}"
         cfg = step.config
         check = registry[step.name].check
+        if step.source is not None:
+            from draftkit.branches import source_step
+
+            src = c.run(f"stages[{step.index}].from", source_step, recipe, step)
+            hf_config = configs.get(src.index) if src is not None else None
         if step.name in ("prune", "sparsify"):
             if hf_config is not None and check is not None:
                 c.run(where, check, hf_config, cfg)
@@ -232,6 +240,7 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
             _check_merge(c, where, recipe, step, trust)
         if step.name == "prune" and hf_config is not None:
             hf_config = after_prune(hf_config, cfg)
+        configs[step.index] = hf_config
     if environment and not c.problems:
         from draftkit.plan import estimate_memory_bytes
 
@@ -373,3 +382,4 @@ def _check_memory(c: _Collector, estimates: dict[int, int], device: str) -> None
     if estimates[worst] > total:
         c.add("load.device", f"the largest stage (stage {worst}) needs about {estimates[worst] / 2**30:.1f} GiB, "
                              f"more than {what} ({total / 2**30:.1f} GiB)")
+
