@@ -14,10 +14,8 @@ from draftkit.stages import LoadConfig
 @handle_errors
 @config_options(cfg=Fields(SpecConfig), load=Fields(LoadConfig, exclude=LOAD_ONLY_STREAMED), io=REPORT_OUTPUT)
 def spec(draft: ModelArg, *, cfg: dict, load: dict, io: Output) -> None:
-    """Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL) and expected speedup.
-
-    The speedup is measured in an engine (--engine draftkit|hf|vllm) and predicted for every k by a latency cost
-    model timed on the device; --k dynamic lets a bandit pick each step's length (TapOut).
+    """Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL), the speedup measured in an
+    engine (--engine), the latency cost model's prediction for every k, and a dynamic k (--k dynamic).
 
     Examples:
 
