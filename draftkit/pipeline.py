@@ -98,7 +98,7 @@ def _decide(step, stage_dir: Path, prev: dict[str, Any], fp: str, parts: dict[st
         return False, "--from"
     if prev.get("status") not in ("done", "gate_failed"):
         return False, {None: "never run", "running": "killed before it finished",
-                       "failed": "failed last time"}.get(prev.get("status"), "not finished")
+                       "failed": "failed last time", "interrupted": "interrupted last time"}.get(prev.get("status"), "not finished")
     if "fingerprint" not in prev:
         return False, "made by an older draftkit (no fingerprint)"
     if not stage_dir.exists():
@@ -249,13 +249,13 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
                     held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else reads[0])
                 del given, ran
         except BaseException as exc:
-            entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
+            entries[key].update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
             write_error_report(out, {"recipe": recipe.name, "model": recipe.header.model, "output": str(out),
                                      "failed_stage": step.dirname, "stages": results}, exc)
-            if isinstance(exc, DraftkitError):
-                raise type(exc)(f"{step.dirname}: {exc}") from exc
+            if isinstance(exc, DraftkitError):  # the same error (its type and attributes), its place in front
+                exc.args = (f"{step.dirname}: {exc}", *exc.args[1:])
             raise
         seconds = round(time.perf_counter() - t0, 3)
         status = "done"
