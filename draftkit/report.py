@@ -18,7 +18,8 @@ _PREFERRED = {
     "eval": ["mean_recovery", "recovery", "tasks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
-_SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
+_SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads",
+         "compute"}
 
 
 def _fmt(v: Any) -> str:

@@ -22,8 +22,11 @@ from draftkit.checkpoint import (
     load_tokenizer,
     save_model,
 )
+from draftkit.compute import ComputeChoice, cast_for_compute, computing
+from draftkit.compute import current as current_compute
 from draftkit.errors import GateFailedError, InvalidInputError, NonFiniteError
 from draftkit.io import atomic_dir, atomic_write_json, check_output_dir, config_paths
+from draftkit.memory import heavy_work_starts, plan_line
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
 from draftkit.threads import apply_threads
 
@@ -35,6 +38,13 @@ class LoadConfig(BaseModel):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto keeps the checkpoint's own"
+    )
+    compute: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype the forwards run in (calibration, scoring, regeneration, eval, spec) apart from the "
+        "saved weights' dtype; auto: bfloat16 where the device runs it fast (CUDA with bf16, a CPU with AMX or "
+        "AVX512-BF16, MPS), else float32",
+        json_schema_extra={"option": "compute-dtype"},
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
     trust_remote_code: bool = Field(False, description="allow code from the model repository to run")
@@ -91,6 +101,21 @@ def stages() -> dict[str, Stage]:
     }
 
 
+def stage_compute(name: str, load: LoadConfig) -> ComputeChoice | None:
+    """The compute dtype stage ``name`` runs its forwards in (:mod:`draftkit.compute`); None for a stage that
+    runs none (export). The choice and why are printed on the plan line, once the heavy work starts (so bad
+    input found before then is still a single line)."""
+    from draftkit.checkpoint import resolve_device
+    from draftkit.compute import resolve_compute
+    from draftkit.memory import announce_compute
+
+    if name == "export":
+        return None
+    choice = resolve_compute(load.compute, resolve_device(load.device), stage=name)
+    announce_compute(f"{name}: {choice.line()}")
+    return choice
+
+
 def trusting(cfg: BaseModel, load: LoadConfig) -> BaseModel:
     """``cfg`` with --trust-remote-code (``load.trust_remote_code``) covering the other models the stage loads:
     distill's teacher, eval's baseline, spec's and export's target (as preflight checks them). Never set otherwise."""
@@ -130,7 +155,8 @@ def run_stage(
     t0 = time.perf_counter()
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
-    with work_dir_lock(cfg, stage.name):
+    with work_dir_lock(cfg, stage.name), computing(stage_compute(name, load)) as choice, \
+            plan_line(flush=False):
         from draftkit.memory import announce_before_heavy_work
 
         estimate, streamed = None, False
@@ -141,6 +167,8 @@ def run_stage(
             if streamed:
                 report = run_streamed(name, model_name, cfg, out=out, load=load, estimate=estimate,
                                       overwrite=overwrite, arguments=arguments)
+                if choice is not None:
+                    report["compute"] = choice.name
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
                 return report
         elif name == "eval":  # a perplexity-only evaluation streams by the same rule
@@ -155,8 +183,10 @@ def run_stage(
         if streamed:  # eval: the stage reads the checkpoint's shards itself
             model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
         else:
+            # a measuring stage (eval, spec) saves no weights: load them in the compute dtype at once
+            dtype = choice.name if choice is not None and stage.save == "report" else load.dtype
             model, tokenizer = load_model_and_tokenizer(
-                model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
+                model_name, dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code
             )
             if estimate is not None:
                 announce_before_heavy_work(estimate)
@@ -188,7 +218,11 @@ def execute_stage(
     "message": str}`` instead of raising, so its report is always written; callers then use
     :func:`raise_if_gate_failed`.
     """
-    model, report = stage.run(model, tokenizer, cfg)
+    choice = current_compute() or stage_compute(stage.name, load)
+    with plan_line(flush=False), computing(choice), cast_for_compute(model if stage.save == "report" else None):
+        model, report = stage.run(model, tokenizer, cfg)  # prune/sparsify/distill cast what they run themselves
+    if choice is not None:
+        report["compute"] = choice.name
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
     provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
     if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output
@@ -205,6 +239,7 @@ def execute_stage(
     else:
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
+    heavy_work_starts()  # the plan line (compute dtype) of a stage that never said its heavy work started
     return model, tokenizer, report
 
 
