@@ -178,8 +178,18 @@ class Masters:
                 p.data = master
 
     def master(self, p: torch.Tensor) -> torch.Tensor:
-        """The stored-dtype tensor behind parameter ``p`` (``p`` itself when it was not cast)."""
-        return self._by_param.get(p, p)  # type: ignore[call-overload]
+        """The stored-dtype tensor behind parameter ``p``, or behind a view of one (an MoE expert's row of a
+        fused parameter, :class:`draftkit.moe.experts.ExpertLinear`): the same view of the master. ``p``
+        itself when it was not cast."""
+        found = self._by_param.get(p)  # type: ignore[call-overload]
+        if found is not None:
+            return found
+        if self._by_param:
+            ptr = p.untyped_storage().data_ptr()
+            for live, m in self._by_param.items():
+                if live.untyped_storage().data_ptr() == ptr and live.stride() == m.stride():
+                    return m.as_strided(p.size(), p.stride(), m.storage_offset() + p.storage_offset() - live.storage_offset())
+        return p
 
 
 @contextlib.contextmanager

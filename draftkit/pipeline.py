@@ -10,8 +10,10 @@ Layout of a run directory::
 
 Re-running the same recipe skips stages whose config and input are unchanged and whose output
 exists (resume after a crash or a kill); ``from_stage`` forces a restart from a stage. A failed stage
-leaves earlier stages' outputs intact. Models flow from stage to stage in memory within one run; a
-stage that was skipped hands its saved output to the next.
+leaves earlier stages' outputs intact. Each stage runs as its command does (:func:`draftkit.stages.run_stage_on`:
+streaming rule, memory estimate, lock). A model flows to the next stage in memory only while it fits
+comfortably (:func:`draftkit.memory.fits_comfortably`); otherwise, and after a skipped stage, the next
+stage reads the saved output.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
-from draftkit.checkpoint import load_config, load_model_and_tokenizer
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
 from draftkit.fingerprint import explain, model_identity, stage_fingerprint
 from draftkit.io import (
@@ -35,9 +36,10 @@ from draftkit.io import (
     is_draftkit_output,
 )
 from draftkit.lock import LOCK_FILE, folder_lock
+from draftkit.memory import fits_comfortably
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
-from draftkit.stages import execute_stage, raise_if_gate_failed, stages, trusting, work_dir_lock
+from draftkit.stages import Held, raise_if_gate_failed, run_stage_on, stages
 from draftkit.threads import apply_threads
 
 MANIFEST = "manifest.json"
@@ -179,7 +181,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
     load = recipe.header.load
 
     current = recipe.header.model  # path or id of the model the next stage reads
-    in_memory: tuple[Any, Any, str] | None = None  # (model, tokenizer, path it equals)
+    held: Held | None = None  # the last output, still in memory while it fits comfortably
     results: list[dict[str, Any]] = []
     gate_failures: list[str] = []
     t_run = time.perf_counter()
@@ -206,7 +208,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
             if prev["status"] == "gate_failed":
                 gate_failures.append(f"{step.dirname}: {report.get('gate', {}).get('message', 'gate failed')}")
             if stage.save is None:
-                current, in_memory = str(stage_dir), None
+                current, held = str(stage_dir), None
             continue
 
         console.info(f"[bold]{step.dirname}[/bold]: running {step.name} ({why})")
@@ -215,17 +217,14 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         atomic_write_json(out / MANIFEST, manifest)
         t0 = time.perf_counter()
         try:
-            cfg = trusting(_with_run_defaults(step.config, stage_dir, step.config_hash()), load)
-            if stage.check is not None:
-                stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
-            if in_memory is None or in_memory[2] != current:
-                model, tok = load_model_and_tokenizer(current, dtype=load.dtype, device=load.device,
-                                        trust_remote_code=load.trust_remote_code)
-                in_memory = (model, tok, current)
-            model, tok, _ = in_memory
-            with work_dir_lock(cfg, f"run ({step.dirname})"):
-                model, tok, report = execute_stage(stage, model, tok, cfg, out=stage_dir, source=current, load=load,
-                                                   overwrite=True, arguments={"recipe": recipe.name, "step": step.index})
+            cfg = _with_run_defaults(step.config, stage_dir, step.config_hash())
+            given, held = held if held is not None and held.path == current else None, None
+            ran = run_stage_on(step.name, current, cfg, out=stage_dir, load=load, overwrite=True, held=given,
+                               arguments={"recipe": recipe.name, "step": step.index}, lock_what=f"run ({step.dirname})")
+            report = ran.report
+            if fits_comfortably(ran.model):  # a stage that writes no model (eval, export) hands on its input
+                held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else current)
+            del given, ran
         except BaseException as exc:
             entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -246,7 +245,6 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
                         "seconds": seconds, "report": report})
         if stage.save is None:  # the stage produced the model the next stage reads
             current = str(stage_dir)
-            in_memory = (model, tok, current)
 
     from draftkit.report import write_run_report
 

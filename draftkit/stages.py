@@ -1,7 +1,8 @@
 """The stage registry: each stage is a function ``(model, tokenizer, config) -> (model, report)``.
 
-Commands and the recipe pipeline both go through :func:`run_stage`, so ``draftkit prune`` and a
-recipe's ``prune:`` step are the same code with the same settings.
+Commands (:func:`run_stage`) and the recipe pipeline both go through :func:`run_stage_on`, so
+``draftkit prune`` and a recipe's ``prune:`` step are the same code with the same settings: the same
+streaming rule, memory estimate, "cannot fit" check and work-folder lock.
 """
 
 from __future__ import annotations
@@ -129,6 +130,33 @@ def trusting(cfg: BaseModel, load: LoadConfig) -> BaseModel:
     return cfg
 
 
+@dataclass
+class Held:
+    """A model in memory and the saved folder it equals: a recipe hands it to its next stage instead of
+    reading that folder again (only while :func:`draftkit.memory.fits_comfortably` says so)."""
+
+    model: Any
+    tokenizer: Any
+    path: str
+
+    def release(self) -> None:
+        """Drop the model (the next stage reads its folder from disk, streamed when its rule says so)."""
+        import gc
+
+        from draftkit.memory import release_freed_memory
+
+        self.model = self.tokenizer = None
+        gc.collect()
+        release_freed_memory()
+
+
+@dataclass
+class StageRun:
+    model: Any  # the stage's model in memory after it ran, None when it streamed from the shards
+    tokenizer: Any
+    report: dict[str, Any]
+
+
 def run_stage(
     name: str,
     model_name: str,
@@ -147,15 +175,39 @@ def run_stage(
     Raises:
         GateFailedError: after the outputs are written, when the report's ``gate`` failed.
     """
+    report = run_stage_on(name, model_name, cfg, out=out, load=load, overwrite=overwrite, arguments=arguments).report
+    raise_if_gate_failed(report)
+    return report
+
+
+def run_stage_on(
+    name: str,
+    model_name: str,
+    cfg: BaseModel,
+    *,
+    out: str | Path,
+    load: LoadConfig | None = None,
+    overwrite: bool = False,
+    arguments: dict[str, Any] | None = None,
+    held: Held | None = None,
+    lock_what: str | None = None,
+) -> StageRun:
+    """:func:`run_stage` for commands and recipes alike: the stage streams or stays resident by its rule
+    (``load.stream``), its memory estimate is printed, a run that cannot fit stops before any work, and its
+    work folder is locked. ``held`` (a recipe's previous output, in memory) is used in place of reading
+    ``model_name`` when the stage runs resident, and released when it streams. A failed gate is in the report."""
     stage = stages()[name]
     load = load or LoadConfig()
     cfg = trusting(cfg, load)
     threads = apply_threads(load.threads)
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name, *config_paths(cfg)))
     t0 = time.perf_counter()
+    if held is not None and held.path != model_name:
+        held.release()
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
-    with work_dir_lock(cfg, stage.name), computing(stage_compute(name, load)) as choice, \
+    in_compute = False  # loaded in the compute dtype rather than the stored one: never handed on
+    with work_dir_lock(cfg, lock_what or stage.name), computing(stage_compute(name, load)) as choice, \
             plan_line(flush=False):
         from draftkit.memory import announce_before_heavy_work
 
@@ -165,12 +217,14 @@ def run_stage(
 
             streamed, estimate = plan_run(name, model_name, cfg, load)
             if streamed:
+                if held is not None:
+                    held.release()
                 report = run_streamed(name, model_name, cfg, out=out, load=load, estimate=estimate,
                                       overwrite=overwrite, arguments=arguments)
                 if choice is not None:
                     report["compute"] = choice.name
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
-                return report
+                return StageRun(None, None, report)
         elif name == "eval":  # a perplexity-only evaluation streams by the same rule
             from draftkit.evaluate import planned_eval_stage, streamed_eval_stage
             from draftkit.evaluate.streamed import plan_eval
@@ -181,23 +235,27 @@ def run_stage(
             elif plan is not None:
                 stage = replace(stage, run=planned_eval_stage(plan))
         if streamed:  # eval: the stage reads the checkpoint's shards itself
+            if held is not None:
+                held.release()
             model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
+        elif held is not None and held.model is not None:
+            model, tokenizer = held.model, held.tokenizer
         else:
             # a measuring stage (eval, spec) saves no weights: load them in the compute dtype at once
             dtype = choice.name if choice is not None and stage.save == "report" else load.dtype
+            in_compute = dtype != load.dtype
             model, tokenizer = load_model_and_tokenizer(
                 model_name, dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code
             )
-            if estimate is not None:
-                announce_before_heavy_work(estimate)
-        _, _, report = execute_stage(
+        if estimate is not None and not streamed:
+            announce_before_heavy_work(estimate)
+        model, tokenizer, report = execute_stage(
             stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
             arguments=arguments,
         )
     report["total_seconds"] = round(time.perf_counter() - t0, 3)
     report["threads"] = threads
-    raise_if_gate_failed(report)
-    return report
+    return StageRun(None if in_compute else model, tokenizer, report)
 
 
 def execute_stage(
