@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
+from draftkit.branches import input_identity, stage_models
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
 from draftkit.fingerprint import explain, model_identity, stage_fingerprint
 from draftkit.io import (
@@ -121,7 +122,9 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     for step in recipe.steps:
         stage_dir = out / step.dirname
         prev = entries.get(str(step.index), {})
-        input_id = _input_id(current) if not upstream_runs else f"output of a stage that reruns: {current}"
+        models = stage_models(recipe, step, out) if registry[step.name].reads == "models" else None
+        input_id = (input_identity(models) if models is not None else _input_id(current)) if not upstream_runs \
+            else f"output of a stage that reruns: {current}"
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load,
                                       input_id=input_id, previous=previous)
         forced = force_from is not None and step.index >= force_from
@@ -192,7 +195,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         stage = registry[step.name]
         stage_dir = out / step.dirname
         key = str(step.index)
-        input_hash = _input_id(current)
+        models = stage_models(recipe, step, out) if stage.reads == "models" else None
+        input_hash = input_identity(models) if models is not None else _input_id(current)
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load_json,
                                       input_id=input_hash, previous=previous)
         previous = fp
@@ -218,13 +222,18 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         t0 = time.perf_counter()
         try:
             cfg = _with_run_defaults(step.config, stage_dir, step.config_hash())
-            given, held = held if held is not None and held.path == current else None, None
-            ran = run_stage_on(step.name, current, cfg, out=stage_dir, load=load, overwrite=True, held=given,
-                               arguments={"recipe": recipe.name, "step": step.index}, lock_what=f"run ({step.dirname})")
-            report = ran.report
-            if fits_comfortably(ran.model):  # a stage that writes no model (eval, export) hands on its input
-                held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else current)
-            del given, ran
+            if models is not None:  # merge: reads its models from their checkpoints
+                held = None
+                report = stage.run(models, cfg, out=stage_dir, load=load, overwrite=True,
+                                   arguments={"recipe": recipe.name, "step": step.index})
+            else:
+                given, held = held if held is not None and held.path == current else None, None
+                ran = run_stage_on(step.name, current, cfg, out=stage_dir, load=load, overwrite=True, held=given,
+                                   arguments={"recipe": recipe.name, "step": step.index}, lock_what=f"run ({step.dirname})")
+                report = ran.report
+                if fits_comfortably(ran.model):  # a stage that writes no model (eval, export) hands on its input
+                    held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else current)
+                del given, ran
         except BaseException as exc:
             entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

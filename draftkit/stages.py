@@ -80,6 +80,10 @@ class Stage:
     # Optional ``check(hf_config, cfg)`` run before the weights load, to fail fast on settings that
     # do not fit the model.
     check: Callable[[Any, BaseModel], None] | None = None
+    # "model": ``run`` takes the model the stage before made. "models": the stage reads several models from
+    # their checkpoints itself (merge): ``run(models, cfg, *, out, load, overwrite, arguments) -> report``,
+    # the models named by the config's ``models`` (recipe stages or paths; see :mod:`draftkit.branches`).
+    reads: Literal["model", "models"] = "model"
 
 
 def stages() -> dict[str, Stage]:
@@ -88,6 +92,7 @@ def stages() -> dict[str, Stage]:
     from draftkit.evaluate import EvalConfig, check_eval, eval_stage
     from draftkit.evaluate.spec import SpecConfig, check_spec, spec_stage
     from draftkit.export import ExportConfig, check_export, export_stage, write_export
+    from draftkit.merge import MergeConfig, merge_checkpoints
     from draftkit.prune import PruneConfig, check_prune, prune_model
     from draftkit.sparsify import SparsifyConfig, sparsify_model
     from draftkit.sparsify.runner import check_sparsify
@@ -96,6 +101,7 @@ def stages() -> dict[str, Stage]:
         "prune": Stage("prune", PruneConfig, prune_model, check=check_prune),
         "sparsify": Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify),
         "distill": Stage("distill", DistillConfig, distill_model, check=check_distill),
+        "merge": Stage("merge", MergeConfig, merge_checkpoints, reads="models"),
         "export": Stage("export", ExportConfig, export_stage, save=write_export, check=check_export),
         "eval": Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval),
         "spec": Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec),
@@ -104,13 +110,13 @@ def stages() -> dict[str, Stage]:
 
 def stage_compute(name: str, load: LoadConfig) -> ComputeChoice | None:
     """The compute dtype stage ``name`` runs its forwards in (:mod:`draftkit.compute`); None for a stage that
-    runs none (export). The choice and why are printed on the plan line, once the heavy work starts (so bad
+    runs none (export, merge). The choice and why are printed on the plan line, once the heavy work starts (so bad
     input found before then is still a single line)."""
     from draftkit.checkpoint import resolve_device
     from draftkit.compute import resolve_compute
     from draftkit.memory import announce_compute
 
-    if name == "export":
+    if name in ("export", "merge"):
         return None
     choice = resolve_compute(load.compute, resolve_device(load.device), stage=name)
     announce_compute(f"{name}: {choice.line()}")

@@ -50,7 +50,7 @@ SHARD_BYTES = 2 * 2**30
 
 def _needs_forward(name: str, cfg: BaseModel) -> bool:
     if name == "prune":
-        return cfg.drop is None and cfg.method != "last"
+        return (cfg.drop is None and cfg.method != "last") or getattr(cfg, "experts", None) is not None
     return cfg.method != "magnitude"
 
 

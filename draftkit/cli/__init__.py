@@ -34,6 +34,8 @@ _LAZY: dict[str, tuple[str, str, str, str]] = {
              "Evaluate a model; with --baseline, report quality recovery and gate on it (exit code 3)."),
     "spec": ("draftkit.cli.spec", "spec", "command",
              "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL) and expected speedup."),
+    "merge": ("draftkit.cli.merge", "merge", "command",
+              "Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks."),
     "run": ("draftkit.cli.run", "run", "command", "Run a recipe's stages in order, resuming where a previous run stopped."),
     "recipes": ("draftkit.cli.run", "recipes_app", "group", "List, show and validate recipes."),
     "inspect": ("draftkit.cli.info", "inspect", "command",
