@@ -28,6 +28,7 @@ from draftkit import console
 from draftkit.branches import input_identity, stage_models
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
 from draftkit.fingerprint import explain, model_identity, stage_fingerprint
+from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.io import (
     atomic_dir,
     atomic_write_json,
@@ -40,6 +41,7 @@ from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.memory import fits_comfortably
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
+from draftkit.report import write_error_report
 from draftkit.stages import Held, raise_if_gate_failed, run_stage_on, stages
 from draftkit.threads import apply_threads
 
@@ -63,27 +65,31 @@ def _start_index(recipe: Recipe, from_stage: str | None) -> int | None:
     raise InvalidInputError(f"--from {from_stage!r} names no stage of this recipe; stages: {names}")
 
 
-def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False,
+        compare: list[str] | None = None) -> dict[str, Any]:
     """Run every stage of ``recipe``; returns the run report (also written as report.json/report.md).
 
     Before anything is written, the output folder is checked and every stage's checks run
     (:func:`draftkit.preflight.preflight`): a recipe that would fail at its last stage fails now, listing
     every problem. With ``dry_run`` nothing runs or is written: the plan is returned (see :func:`plan`).
+    ``compare``: earlier runs (folders or report.json, oldest first) to compare with (:mod:`draftkit.compare`).
 
     Raises:
         PreflightError: the recipe would fail (every problem listed; nothing written).
         GateFailedError: a quality gate failed (all stages still ran and the report is written).
         DraftkitError: a stage failed; earlier outputs and the manifest are kept.
     """
+    from draftkit.compare import load_previous
     from draftkit.preflight import check_recipe
 
+    earlier = load_previous(compare or [])  # a wrong --compare fails before anything runs
     out = check_run_output(recipe)
     force_from = _start_index(recipe, from_stage)
     resolve_model_ref(recipe.header.model)  # a missing model fails before anything is written
     check_recipe(recipe)
     if dry_run:
         return plan(recipe, from_stage=from_stage)
-    return _run(recipe, out, force_from, fresh=not out.exists())
+    return _run(recipe, out, force_from, fresh=not out.exists(), earlier=earlier)
 
 
 def _input_id(path: str) -> str:
@@ -144,12 +150,13 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     return {"recipe": recipe.name, "output": str(out), "dry_run": True, "stages": rows}
 
 
-def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool) -> dict[str, Any]:
+def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool,
+         earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     threads = apply_threads(recipe.header.load.threads)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "run"):  # a LockedError (another run holds the folder) leaves it alone
         try:
-            return _run_locked(recipe, out, force_from, threads)
+            return _run_locked(recipe, out, force_from, threads, earlier or [])
         except InvalidInputError:
             # bad input before any stage started, in a folder this run made: nothing of value, nothing left
             # behind. Once a stage started (its rows, checkpoints, .work folders) everything is kept.
@@ -171,7 +178,8 @@ def check_run_output(recipe: Recipe) -> Path:
     return check_output_dir(out, overwrite=True, inputs=inputs)
 
 
-def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int) -> dict[str, Any]:
+def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
+                earlier: list[dict[str, Any]]) -> dict[str, Any]:
     console.info(f"[dim]{threads} CPU thread(s) for torch (load.threads, --threads or DRAFTKIT_THREADS to change)[/dim]")
     for stale in out.glob(".*.tmp-*"):  # left by a killed run; never a finished output
         shutil.rmtree(stale, ignore_errors=True)
@@ -206,10 +214,15 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         reusable = reusable and prev.get("stage") == step.name
         if reusable:
             console.info(f"[dim]{step.dirname}: unchanged, skipped (output {stage_dir})[/dim]")
-            report = prev.get("report", {})
-            results.append({"stage": step.name, "dir": str(stage_dir), "status": prev["status"], "skipped": True,
+            # thresholds are not in the fingerprint: today's gates judge the stored metrics again
+            report = rejudge_stored(step.name, step.config, prev.get("report", {}), stage_dir)
+            status = "gate_failed" if report.get("passed") is False else "done"
+            if status != prev["status"]:
+                entries[key].update(status=status, report=report)
+                atomic_write_json(out / MANIFEST, manifest)
+            results.append({"stage": step.name, "dir": str(stage_dir), "status": status, "skipped": True,
                             "seconds": prev.get("seconds"), "report": report})
-            if prev["status"] == "gate_failed":
+            if status == "gate_failed":
                 gate_failures.append(f"{step.dirname}: {report.get('gate', {}).get('message', 'gate failed')}")
             if stage.save is None:
                 current, held = str(stage_dir), None
@@ -238,6 +251,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
             entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
+            write_error_report(out, {"recipe": recipe.name, "model": recipe.header.model, "output": str(out),
+                                     "failed_stage": step.dirname, "stages": results}, exc)
             if isinstance(exc, DraftkitError):
                 raise type(exc)(f"{step.dirname}: {exc}") from exc
             raise
@@ -257,7 +272,9 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
 
     from draftkit.report import write_run_report
 
+    passed, gates = run_verdict(results)
     run_report = {
+        "passed": passed and not gate_failures,
         "recipe": recipe.name,
         "model": recipe.header.model,
         "output": str(out),
@@ -265,8 +282,12 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         "seconds": round(time.perf_counter() - t_run, 3),
         "threads": threads,
         "gate_failures": gate_failures,
+        "gates": gates,
         "stages": results,
     }
+    from draftkit.compare import apply as compare_runs
+
+    compare_runs(run_report, earlier, [step.config for step in recipe.steps])  # night over night, relative gates
     write_run_report(run_report, out)
     if gate_failures:
         err = GateFailedError("; ".join(gate_failures))

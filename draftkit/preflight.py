@@ -121,9 +121,11 @@ def sample_rows(source: str, split: str = "train", n: int = SAMPLE_ROWS) -> list
     files = _cached_dataset_files(name, config or None, split)
     if files:
         return _read_head(files, n)
-    if _offline():
-        raise DataError(f"hub dataset {source} (split {split}) is not in the local hub cache and the hub is offline "
-                        "(HF_HUB_OFFLINE=1): download it first, or name a local file")
+    from draftkit.hub import offline_if_unreachable, unreachable_hint
+
+    if _offline() or offline_if_unreachable():
+        raise DataError(f"hub dataset {source} (split {split}) is not in the local hub cache and {unreachable_hint()}: "
+                        "download it first, or name a local file")
     try:
         import datasets
 
@@ -373,3 +375,4 @@ def _check_memory(c: _Collector, estimates: dict[int, int], device: str) -> None
     if estimates[worst] > total:
         c.add("load.device", f"the largest stage (stage {worst}) needs about {estimates[worst] / 2**30:.1f} GiB, "
                              f"more than {what} ({total / 2**30:.1f} GiB)")
+

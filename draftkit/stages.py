@@ -206,6 +206,9 @@ def run_stage_on(
     load = load or LoadConfig()
     cfg = trusting(cfg, load)
     threads = apply_threads(load.threads)
+    from draftkit.inputs import check_inputs
+
+    check_inputs(name, model_name, cfg)  # a mistyped input is named before the output is looked at
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name, *config_paths(cfg)))
     t0 = time.perf_counter()
     if held is not None and held.path != model_name:
@@ -287,6 +290,9 @@ def execute_stage(
         model, report = stage.run(model, tokenizer, cfg)  # prune/sparsify/distill cast what they run themselves
     if choice is not None:
         report["compute"] = choice.name
+    from draftkit.gates import judge
+
+    judge(stage.name, cfg, report)  # report["gates"], ["passed"] (and ["gate"] when a threshold is set)
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
     provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
     if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from draftkit.bitmask import QUANT_METHOD, SPARSE_FORMAT, bitmask_decompress, compressed_groups
+from draftkit.checkpoint import gguf_cache
 from draftkit.errors import ModelLoadError
 from draftkit.refs import ModelRef, resolve_model_ref
 
@@ -63,6 +64,7 @@ def load_config(name: str, *, trust_remote_code: bool = False):
         from draftkit.hub import check_hub
 
         check_hub(ref.location)  # one line at once when the hub is unreachable, not ~30 s of retries
+    ref = gguf_cache.lookup(ref)  # a GGUF file converted before: its folder's config
     try:
         return AutoConfig.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
     except Exception as exc:  # noqa: BLE001

@@ -25,6 +25,9 @@ def cost_model(draft: nn.Module, target: nn.Module, prompts: list[tuple[list[int
     c, v = costs["c"], costs["v"]
     by_k = predicted_speedup(alpha, c, v)
     out: dict[str, Any] = {**costs, "predicted_speedup_by_k": by_k}
+    # the per-token draft cost at which each k breaks even, at the measured acceptance
+    out["break_even_cost_by_k"] = [break_even_cost(expected_tokens([a or 0.0 for a in alpha[:j]], j), j, v[j])
+                                   for j in range(1, len(by_k) + 1)]
     if by_k:
         kb, sb = best_k(by_k)
         out.update(best_k=kb, best_k_predicted_speedup=sb)
@@ -52,8 +55,12 @@ def dynamic_summary(controller, steps: list[tuple[int, int]]) -> dict[str, Any]:
     """What ``--k dynamic`` did: the bandit's pulls and rewards, tokens per target forward, wasted drafts."""
     proposed = sum(p for p, _ in steps)
     accepted = sum(a for _, a in steps)
+    counts: dict[str, int] = {}
+    for p, a in steps:
+        counts[f"{p},{a}"] = counts.get(f"{p},{a}", 0) + 1
     return {
         "tapout": controller.summary(),
+        "steps_by_proposed_accepted": counts,  # "n,a": how many steps proposed n and had a accepted
         "mean_proposed_per_step": proposed / len(steps) if steps else 0.0,
         "wasted_draft_tokens": proposed - accepted,
         "proposed_draft_tokens": proposed,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from draftkit import console
@@ -84,6 +84,22 @@ class SpecConfig(BaseModel):
         "rule of Leviathan et al. 2023), same vocabulary only"
     )
     seed: int = Field(0, description="seed of the sampling (with --temperature > 0)")
+    # quality gates (draftkit.gates): judged on the report, not part of the stage's fingerprint
+    min_mal: float | None = Field(None, gt=0, description="fail (exit code 3) when the MAL (committed tokens per "
+                                  "target forward, `mal`) is below this")
+    min_acceptance: float | None = Field(None, gt=0, le=1, description="fail (exit code 3) when the acceptance rate "
+                                         "(accepted / proposed draft tokens) is below this")
+    min_speedup: float | None = Field(None, gt=0, description="fail (exit code 3) when the speedup an engine measured "
+                                      "(--engine hf or vllm) is below this")
+    max_regression: float | None = Field(None, gt=0, lt=1, description="fail (exit code 3) when the MAL fell by more "
+                                         "than this fraction from the last run (a recipe run with --compare)")
+
+    @model_validator(mode="after")
+    def _gates(self) -> SpecConfig:
+        if self.min_speedup is not None and getattr(self, "engine", "draftkit") == "draftkit":
+            raise ValueError("--min-speedup gates the speedup a serving engine measured: add --engine hf (or vllm); "
+                             "draftkit's own loop gives MAL (--min-mal)")
+        return self
 
     @field_validator("k", mode="before")
     @classmethod
