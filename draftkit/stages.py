@@ -216,8 +216,10 @@ def run_stage_on(
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
     in_compute = False  # loaded in the compute dtype rather than the stored one: never handed on
-    with work_dir_lock(cfg, lock_what or stage.name), computing(stage_compute(name, load)) as choice, \
-            plan_line(flush=False):
+    # a command's output is locked while written; a recipe's stage (lock_what names its run) writes inside the
+    # run's folder, which the run holds locked
+    with output_lock_of(out, stage.name, held=lock_what is not None), work_dir_lock(cfg, lock_what or stage.name), \
+            computing(stage_compute(name, load)) as choice, plan_line(flush=False):
         from draftkit.memory import announce_before_heavy_work
 
         estimate, streamed = None, False
@@ -311,6 +313,18 @@ def execute_stage(
     report["output"] = str(out)
     heavy_work_starts()  # the plan line (compute dtype) of a stage that never said its heavy work started
     return model, tokenizer, report
+
+
+def output_lock_of(out: Path, what: str, *, held: bool = False):
+    """The lock of a command's output (:func:`draftkit.lock.output_lock`); rank 0 alone holds it. ``held``: a
+    lock above it (a recipe run's) already covers it."""
+    from contextlib import nullcontext
+
+    from draftkit.lock import output_lock
+
+    if held or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0):
+        return nullcontext()
+    return output_lock(out, what)
 
 
 def work_dir_lock(cfg: BaseModel, what: str):

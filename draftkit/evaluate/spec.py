@@ -125,7 +125,7 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
                  column: str | None = None) -> list[str]:
     """Prompt texts from a file or a hub dataset, rendered with ``tokenizer``'s chat template when rows are
     chat-like. A prompt given as a list of turns (MT-Bench) uses its first turn."""
-    from draftkit.data import normalise_messages, read_rows, render_chat
+    from draftkit.data import normalise_messages, read_rows, render_chat, row_place
 
     if not _is_prompt_source(path):
         raise DataError(f"prompts file {path} does not exist")
@@ -140,14 +140,14 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
         )
     use_chat = chat and col != "text" and bool(getattr(tokenizer, "chat_template", None))
     out = []
-    for r in rows[:limit] if limit else rows:
+    for i, r in enumerate(rows[:limit] if limit else rows):
         value = r.get(col)
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             value = value[0]  # multi-turn prompts (MT-Bench): the first turn
         if not value:
             continue
         if isinstance(value, list):
-            msgs = normalise_messages(value)
+            msgs = normalise_messages(value, row_place(rows, i))
             while msgs and msgs[-1]["role"] == "assistant":
                 msgs.pop()
             out.append(render_chat(tokenizer, msgs, add_generation_prompt=True) if use_chat
