@@ -204,21 +204,22 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     rows = []
-    if "demo" in args.pairs:
-        teacher = ROOT / "examples" / "tiny" / "teacher"
-        target, tok = load(teacher)
-        draft, prune = pruned(target, tok, 2, ROOT / "examples" / "tiny" / "data" / "train.jsonl")
-        rows.append(measure("demo teacher, 2 of 8 blocks dropped", draft, target, tok,
-                            ROOT / "examples" / "tiny" / "data" / "test.jsonl", args, prune))
-        write(args, rows, started)
-    if "smollm2" in args.pairs:
-        target, tok = load(ensure_target(GGUF, Path(args.target_cache)))
-        for drop in (int(x) for x in args.drops.split(",")):
-            draft, prune = pruned(target, tok, drop, GSM8K / "train.jsonl")
-            rows.append(measure(f"SmolLM2-135M-Instruct, {drop} of 30 blocks dropped", draft, target, tok,
-                                GSM8K / "test.jsonl", args, prune))
+    for pair in args.pairs.split(","):  # in the order given
+        if pair == "demo":
+            teacher = ROOT / "examples" / "tiny" / "teacher"
+            target, tok = load(teacher)
+            draft, prune = pruned(target, tok, 2, ROOT / "examples" / "tiny" / "data" / "train.jsonl")
+            rows.append(measure("demo teacher, 2 of 8 blocks dropped", draft, target, tok,
+                                ROOT / "examples" / "tiny" / "data" / "test.jsonl", args, prune))
             write(args, rows, started)
-            del draft
+        elif pair == "smollm2":
+            target, tok = load(ensure_target(GGUF, Path(args.target_cache)))
+            for drop in (int(x) for x in args.drops.split(",")):
+                draft, prune = pruned(target, tok, drop, GSM8K / "train.jsonl")
+                rows.append(measure(f"SmolLM2-135M-Instruct, {drop} of 30 blocks dropped", draft, target, tok,
+                                    GSM8K / "test.jsonl", args, prune))
+                write(args, rows, started)
+                del draft
     write(args, rows, started, done=True)
 
 
