@@ -310,10 +310,12 @@ def decompress(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     """Turn a ``sparse-bitmask`` checkpoint into dense safetensors; other files are copied, the
     sparsity part of ``quantization_config`` is removed. Nothing is loaded into a model."""
     from draftkit.io import atomic_dir, atomic_write_json, check_output_dir
+    from draftkit.model_files import check_folder
 
     src = Path(src)
     if not (src / "config.json").is_file():
         raise ModelLoadError(f"{src} is not a model directory (no config.json in it)")
+    check_folder(src)  # nothing it copies or reads may come from outside it
     if not is_sparse_checkpoint(src):
         raise InvalidInputError(f"{src} is not a sparse-bitmask checkpoint: it is dense already, nothing to decompress")
     if is_quantized_too(src):

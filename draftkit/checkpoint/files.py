@@ -15,10 +15,10 @@ import torch
 
 from draftkit.bitmask import QUANT_METHOD, SPARSE_FORMAT, bitmask_decompress, compressed_groups
 from draftkit.errors import ModelLoadError
+from draftkit.model_files import SAFE_INDEX, check_folder, folder_root, index_names, resolve_file
 from draftkit.refs import ModelRef, resolve_model_ref
 
 SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 _SHARD = re.compile(r"(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors")
 
 
@@ -91,20 +91,18 @@ def weight_files(directory: str | os.PathLike, *, require_safetensors: bool = Tr
     missing shard, shards without an index, or no weights at all.
     """
     p = Path(directory)
-    index = p / SAFE_INDEX
-    if index.is_file():
-        try:
-            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(f"{index} is not a safetensors index (a JSON object with a weight_map): {first_line(exc)}") from None
-        missing = [n for n in names if not (p / n).is_file()]
+    root = folder_root(p)
+    names = index_names(p)
+    if names is not None:
+        paths = [resolve_file(p, n, source=p / SAFE_INDEX, root=root) for n in names]
+        missing = [n for n, f in zip(names, paths, strict=True) if not f.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ModelLoadError(f"{index} names {missing[0]}{more}, which is not in {p}: "
+            raise ModelLoadError(f"{p / SAFE_INDEX} names {missing[0]}{more}, which is not in {p}: "
                                  "the checkpoint is incomplete; copy or download the missing file")
-        return [p / n for n in names]
+        return paths
     if (p / SAFE_WEIGHTS).is_file():
-        return [p / SAFE_WEIGHTS]
+        return [resolve_file(p, SAFE_WEIGHTS, root=root)]
     files = sorted(p.glob("*.safetensors"))
     for f in files:
         m = _SHARD.fullmatch(f.name)
@@ -118,7 +116,7 @@ def weight_files(directory: str | os.PathLike, *, require_safetensors: bool = Tr
     if len(files) > 1:
         raise ModelLoadError(f"{p} has {len(files)} .safetensors files but no {SAFE_INDEX}: copy the index too")
     if files:
-        return files
+        return [resolve_file(p, f.name, root=root) for f in files]
     if any(p.glob("*.bin")) or any(p.glob("*.pt")):
         if not require_safetensors:
             return []
@@ -277,9 +275,11 @@ def hub_snapshot(ref: ModelRef) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(ref.location, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+        folder = snapshot_download(ref.location, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
     except Exception as exc:  # noqa: BLE001 - one line for the user
         raise translate_load_error(ref, exc) from exc
+    check_folder(folder)  # its links may point into the repository's blobs, nowhere else
+    return folder
 
 
 def read_stored_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
