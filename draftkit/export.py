@@ -24,16 +24,15 @@ from draftkit.bitmask import (
     QUANT_METHOD,
     SPARSE_FORMAT,
     compress_state_dict,
-    decompress_state_dict,
     theoretical_layout_bytes,
 )
 from draftkit.checkpoint import (
     SAFE_INDEX,
+    LazyCheckpoint,
     is_quantized_too,
     is_sparse_checkpoint,
     nbytes,
     parse_size,
-    read_stored_tensors,
     torch_dtype,
     weight_files,
     write_safetensors,
@@ -321,7 +320,8 @@ def decompress(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     if is_quantized_too(src):
         raise InvalidInputError(f"{src} is quantized as well as sparse: decompress it with compressed-tensors")
     out = check_output_dir(out, overwrite=overwrite, inputs=(str(src),))
-    tensors = decompress_state_dict(read_stored_tensors(src))
+    ckpt = LazyCheckpoint(src)  # the one checked reader: resolved files, consistent layouts
+    tensors = ckpt.read(ckpt.keys())
     stored = {f.name for f in weight_files(src)} | {SAFE_INDEX}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         files = write_safetensors(tensors, tmp, max_shard_size=max_shard_size)

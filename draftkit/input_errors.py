@@ -19,14 +19,10 @@ from collections.abc import Iterator
 
 from draftkit.errors import DraftkitError, ModelLoadError
 
-# Exceptions a parser raises on a malformed file (by module and name: importing safetensors or torch
-# here would make every command pay for it).
-_PARSE_ERRORS = {
-    ("safetensors_rust", "SafetensorError"), ("safetensors", "SafetensorError"),
-    ("_pickle", "UnpicklingError"), ("pickle", "UnpicklingError"),
-    ("json.decoder", "JSONDecodeError"), ("builtins", "UnicodeDecodeError"), ("builtins", "EOFError"),
-    ("builtins", "RecursionError"), ("struct", "error"), ("zipfile", "BadZipFile"),
-}
+# Exceptions a parser raises on a malformed file, by class name (importing safetensors or torch here
+# would make every command pay for it; safetensors' class lives in a private extension module).
+_PARSE_ERRORS = {"SafetensorError", "UnpicklingError", "JSONDecodeError", "UnicodeDecodeError", "EOFError",
+                 "RecursionError", "BadZipFile", "GGUFReadError"}
 
 
 def first_line(exc: BaseException) -> str:
@@ -36,9 +32,8 @@ def first_line(exc: BaseException) -> str:
 
 def is_parse_error(exc: BaseException) -> bool:
     """True for an exception a library raises because the bytes it read are not what they should be."""
-    for cls in type(exc).__mro__:
-        if (cls.__module__, cls.__name__) in _PARSE_ERRORS:
-            return True
+    if any(cls.__name__ in _PARSE_ERRORS for cls in type(exc).__mro__):
+        return True
     if isinstance(exc, OSError):  # a link loop, an I/O error, a file that vanished or cannot be read
         return exc.errno in (errno.ELOOP, errno.EIO, errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR) \
             or exc.errno is None

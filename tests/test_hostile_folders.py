@@ -212,4 +212,8 @@ def test_hub_cache_snapshot_links_into_its_blobs_only(tiny_llama, tmp_path, monk
     (snap / "model.safetensors.index.json").symlink_to(Path("..") / ".." / "blobs" / "index")
     with pytest.raises(ModelLoadError, match="outside the model directory"):
         open_checkpoint("someone/tiny")
+    from draftkit.checkpoint import load_model
+
+    with pytest.raises(ModelLoadError, match="restore the checkpoint's own index"):
+        load_model("someone/tiny", device="cpu")  # transformers refuses it too, in its words
 
