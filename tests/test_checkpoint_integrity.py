@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 from draftkit.cli import app
 from draftkit.errors import EXIT_INVALID_INPUT, ModelLoadError
+from tests._helpers_distill import sft_file
 from tests.conftest import make_tied_llama, make_tiny_model
 
+FIXTURES = (sft_file,)  # pytest finds fixtures by name in this module
 STREAMS = ["off", "on"]
 
 
@@ -212,4 +214,35 @@ def test_a_tampered_sparse_export_is_one_line(sparse_export, tmp_path, tamper):
     for args in (["decompress", model, "-o", tmp_path / "out"], ["inspect", model],
                  ["prune", model, "--drop", "1", "--stream", "on", "-o", tmp_path / "out"]):
         one_line(invoke(*args), MODULE, "damaged or was altered", "export it again")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- a distill resume checkpoint whose pickled state is corrupt -------------------------------------
+
+
+def test_a_corrupt_resume_checkpoint_is_one_line(tiny_llama, sft_file, tmp_path, monkeypatch):
+    from tests.test_distill_train import _cfg, _die_in_epoch_2, _load, load_examples, train_mod, train_model
+
+    cfg = _cfg(sft_file, epochs=2, checkpoints=True)
+    examples = load_examples(cfg)
+    real = _die_in_epoch_2(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(*_load(tiny_llama), examples, cfg, tmp_path / "ckpt")
+    monkeypatch.setattr(train_mod, "response_loss", real)
+    saved = tmp_path / "ckpt" / "epoch-1"
+    pickles = [f for f in saved.iterdir() if f.suffix in (".bin", ".pkl", ".pt")]
+    assert pickles
+    for f in pickles:
+        f.write_bytes(b"\x80\x04not a pickle at all" + bytes(64))
+    with pytest.raises(ModelLoadError, match=f"{saved} is not a readable training checkpoint.*delete {saved}"):
+        train_model(*_load(tiny_llama), examples, cfg, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("depth", [100_000, 500])  # beyond Python's recursion limit, and parseable but absurd
+def test_a_deeply_nested_draftkit_json_is_one_line(four_layers, tmp_path, depth):
+    model = tmp_path / "m"
+    shutil.copytree(four_layers, model)
+    (model / "draftkit.json").write_text("[" * depth + "]" * depth)
+    for args in (["inspect", model], ["prune", model, "--drop", "1", "-o", tmp_path / "out"]):
+        one_line(invoke(*args), str(model / "draftkit.json"), "nested", "delete it")
     assert not (tmp_path / "out").exists()

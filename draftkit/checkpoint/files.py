@@ -141,8 +141,8 @@ def sparsity_config_of(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    except (OSError, json.JSONDecodeError, AttributeError, RecursionError):
+        return None  # not one: loading the config reports what is wrong with it
     sc = qc.get("sparsity_config") or {}
     if qc.get("quant_method") == QUANT_METHOD and sc.get("format") == SPARSE_FORMAT:
         return sc
