@@ -115,11 +115,17 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
 def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
+    from draftkit.hub import offline_if_unreachable, unreachable_hint
+
     name, _, config = source.partition(":")
+    offline = offline_if_unreachable()  # no network: the local cache or one line at once, not retries
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if offline:
+            raise DataError(f"hub dataset {source} (split {split}) is not in the local cache and {unreachable_hint()}: "
+                            "download it where there is network, or pass a local .jsonl/.txt file") from None
         raise DataError(
             f"could not load dataset {source!r} (split {split!r}) from the hub: {first[:200]}; "
             "pass a local .jsonl/.txt file instead when offline"

@@ -56,3 +56,25 @@ class GateFailedError(DraftkitError):
     """A quality gate failed; the run itself completed."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code draftkit ends with on ``exc``."""
+    if isinstance(exc, DraftkitError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    code = getattr(exc, "exit_code", None)  # click's usage errors
+    return code if isinstance(code, int) else EXIT_INTERNAL
+
+
+def error_object(exc: BaseException | str, exit_code: int | None = None) -> dict:
+    """What ``--json`` prints (and a run's report.json holds) when a command fails: never an empty file.
+
+    ``{"passed": false, "gates": [], "error": {"type", "message", "exit_code"}}``."""
+    kind = type(exc).__name__ if isinstance(exc, BaseException) else "Error"
+    text = str(exc)
+    return {"passed": False, "gates": [],
+            "error": {"type": kind, "message": text.splitlines()[0] if text else kind,
+                      "exit_code": exit_code if exit_code is not None else
+                      (exit_code_of(exc) if isinstance(exc, BaseException) else EXIT_INTERNAL)}}

@@ -135,6 +135,25 @@ def activation_device(est: MemoryEstimate, device: torch.device) -> torch.device
     return device if est.activations_on == device.type else torch.device("cpu")
 
 
+def fits_comfortably(model) -> bool:
+    """Whether a recipe keeps a stage's model in memory for the next stage: at most the size up to which
+    checkpoints stay resident (:data:`~draftkit.checkpoint.stream.STREAM_ABOVE_BYTES`) and a quarter of the
+    memory still free where it lives. Otherwise the next stage reads the saved output, streamed by its rule."""
+    from draftkit.checkpoint.stream import STREAM_ABOVE_BYTES
+
+    if model is None:
+        return False
+    seen: set[int] = set()
+    size, device = 0, torch.device("cpu")
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            size += t.numel() * t.element_size()
+            device = t.device
+    free = available_device_bytes(device) if device.type == "cuda" else available_host_bytes()
+    return size <= STREAM_ABOVE_BYTES and size <= 0.25 * (free or 0)
+
+
 def gb(n: int) -> float:
     return round(n / GB, 3) if n else 0.0
 

@@ -10,8 +10,10 @@ Layout of a run directory::
 
 Re-running the same recipe skips stages whose config and input are unchanged and whose output
 exists (resume after a crash or a kill); ``from_stage`` forces a restart from a stage. A failed stage
-leaves earlier stages' outputs intact. Models flow from stage to stage in memory within one run; a
-stage that was skipped hands its saved output to the next.
+leaves earlier stages' outputs intact. Each stage runs as its command does (:func:`draftkit.stages.run_stage_on`:
+streaming rule, memory estimate, lock). A model flows to the next stage in memory only while it fits
+comfortably (:func:`draftkit.memory.fits_comfortably`); otherwise, and after a skipped stage, the next
+stage reads the saved output.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
-from draftkit.checkpoint import load_config, load_model_and_tokenizer
+from draftkit.branches import input_identity, stage_models
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
 from draftkit.fingerprint import explain, model_identity, stage_fingerprint
+from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.io import (
     atomic_dir,
     atomic_write_json,
@@ -35,9 +38,11 @@ from draftkit.io import (
     is_draftkit_output,
 )
 from draftkit.lock import LOCK_FILE, folder_lock
+from draftkit.memory import fits_comfortably
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
-from draftkit.stages import execute_stage, raise_if_gate_failed, stages, trusting, work_dir_lock
+from draftkit.report import write_error_report
+from draftkit.stages import Held, raise_if_gate_failed, run_stage_on, stages
 from draftkit.threads import apply_threads
 
 MANIFEST = "manifest.json"
@@ -60,27 +65,31 @@ def _start_index(recipe: Recipe, from_stage: str | None) -> int | None:
     raise InvalidInputError(f"--from {from_stage!r} names no stage of this recipe; stages: {names}")
 
 
-def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False,
+        compare: list[str] | None = None) -> dict[str, Any]:
     """Run every stage of ``recipe``; returns the run report (also written as report.json/report.md).
 
     Before anything is written, the output folder is checked and every stage's checks run
     (:func:`draftkit.preflight.preflight`): a recipe that would fail at its last stage fails now, listing
     every problem. With ``dry_run`` nothing runs or is written: the plan is returned (see :func:`plan`).
+    ``compare``: earlier runs (folders or report.json, oldest first) to compare with (:mod:`draftkit.compare`).
 
     Raises:
         PreflightError: the recipe would fail (every problem listed; nothing written).
         GateFailedError: a quality gate failed (all stages still ran and the report is written).
         DraftkitError: a stage failed; earlier outputs and the manifest are kept.
     """
+    from draftkit.compare import load_previous
     from draftkit.preflight import check_recipe
 
+    earlier = load_previous(compare or [])  # a wrong --compare fails before anything runs
     out = check_run_output(recipe)
     force_from = _start_index(recipe, from_stage)
     resolve_model_ref(recipe.header.model)  # a missing model fails before anything is written
     check_recipe(recipe)
     if dry_run:
         return plan(recipe, from_stage=from_stage)
-    return _run(recipe, out, force_from, fresh=not out.exists())
+    return _run(recipe, out, force_from, fresh=not out.exists(), earlier=earlier)
 
 
 def _input_id(path: str) -> str:
@@ -119,7 +128,9 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     for step in recipe.steps:
         stage_dir = out / step.dirname
         prev = entries.get(str(step.index), {})
-        input_id = _input_id(current) if not upstream_runs else f"output of a stage that reruns: {current}"
+        models = stage_models(recipe, step, out) if registry[step.name].reads == "models" else None
+        input_id = (input_identity(models) if models is not None else _input_id(current)) if not upstream_runs \
+            else f"output of a stage that reruns: {current}"
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load,
                                       input_id=input_id, previous=previous)
         forced = force_from is not None and step.index >= force_from
@@ -139,12 +150,13 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     return {"recipe": recipe.name, "output": str(out), "dry_run": True, "stages": rows}
 
 
-def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool) -> dict[str, Any]:
+def _run(recipe: Recipe, out: Path, force_from: int | None, *, fresh: bool,
+         earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     threads = apply_threads(recipe.header.load.threads)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "run"):  # a LockedError (another run holds the folder) leaves it alone
         try:
-            return _run_locked(recipe, out, force_from, threads)
+            return _run_locked(recipe, out, force_from, threads, earlier or [])
         except InvalidInputError:
             # bad input before any stage started, in a folder this run made: nothing of value, nothing left
             # behind. Once a stage started (its rows, checkpoints, .work folders) everything is kept.
@@ -166,7 +178,8 @@ def check_run_output(recipe: Recipe) -> Path:
     return check_output_dir(out, overwrite=True, inputs=inputs)
 
 
-def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int) -> dict[str, Any]:
+def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
+                earlier: list[dict[str, Any]]) -> dict[str, Any]:
     console.info(f"[dim]{threads} CPU thread(s) for torch (load.threads, --threads or DRAFTKIT_THREADS to change)[/dim]")
     for stale in out.glob(".*.tmp-*"):  # left by a killed run; never a finished output
         shutil.rmtree(stale, ignore_errors=True)
@@ -179,7 +192,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
     load = recipe.header.load
 
     current = recipe.header.model  # path or id of the model the next stage reads
-    in_memory: tuple[Any, Any, str] | None = None  # (model, tokenizer, path it equals)
+    held: Held | None = None  # the last output, still in memory while it fits comfortably
     results: list[dict[str, Any]] = []
     gate_failures: list[str] = []
     t_run = time.perf_counter()
@@ -190,7 +203,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         stage = registry[step.name]
         stage_dir = out / step.dirname
         key = str(step.index)
-        input_hash = _input_id(current)
+        models = stage_models(recipe, step, out) if stage.reads == "models" else None
+        input_hash = input_identity(models) if models is not None else _input_id(current)
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load_json,
                                       input_id=input_hash, previous=previous)
         previous = fp
@@ -200,13 +214,18 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         reusable = reusable and prev.get("stage") == step.name
         if reusable:
             console.info(f"[dim]{step.dirname}: unchanged, skipped (output {stage_dir})[/dim]")
-            report = prev.get("report", {})
-            results.append({"stage": step.name, "dir": str(stage_dir), "status": prev["status"], "skipped": True,
+            # thresholds are not in the fingerprint: today's gates judge the stored metrics again
+            report = rejudge_stored(step.name, step.config, prev.get("report", {}), stage_dir)
+            status = "gate_failed" if report.get("passed") is False else "done"
+            if status != prev["status"]:
+                entries[key].update(status=status, report=report)
+                atomic_write_json(out / MANIFEST, manifest)
+            results.append({"stage": step.name, "dir": str(stage_dir), "status": status, "skipped": True,
                             "seconds": prev.get("seconds"), "report": report})
-            if prev["status"] == "gate_failed":
+            if status == "gate_failed":
                 gate_failures.append(f"{step.dirname}: {report.get('gate', {}).get('message', 'gate failed')}")
             if stage.save is None:
-                current, in_memory = str(stage_dir), None
+                current, held = str(stage_dir), None
             continue
 
         console.info(f"[bold]{step.dirname}[/bold]: running {step.name} ({why})")
@@ -215,21 +234,25 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         atomic_write_json(out / MANIFEST, manifest)
         t0 = time.perf_counter()
         try:
-            cfg = trusting(_with_run_defaults(step.config, stage_dir, step.config_hash()), load)
-            if stage.check is not None:
-                stage.check(load_config(current, trust_remote_code=load.trust_remote_code), cfg)
-            if in_memory is None or in_memory[2] != current:
-                model, tok = load_model_and_tokenizer(current, dtype=load.dtype, device=load.device,
-                                        trust_remote_code=load.trust_remote_code)
-                in_memory = (model, tok, current)
-            model, tok, _ = in_memory
-            with work_dir_lock(cfg, f"run ({step.dirname})"):
-                model, tok, report = execute_stage(stage, model, tok, cfg, out=stage_dir, source=current, load=load,
-                                                   overwrite=True, arguments={"recipe": recipe.name, "step": step.index})
+            cfg = _with_run_defaults(step.config, stage_dir, step.config_hash())
+            if models is not None:  # merge: reads its models from their checkpoints
+                held = None
+                report = stage.run(models, cfg, out=stage_dir, load=load, overwrite=True,
+                                   arguments={"recipe": recipe.name, "step": step.index})
+            else:
+                given, held = held if held is not None and held.path == current else None, None
+                ran = run_stage_on(step.name, current, cfg, out=stage_dir, load=load, overwrite=True, held=given,
+                                   arguments={"recipe": recipe.name, "step": step.index}, lock_what=f"run ({step.dirname})")
+                report = ran.report
+                if fits_comfortably(ran.model):  # a stage that writes no model (eval, export) hands on its input
+                    held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else current)
+                del given, ran
         except BaseException as exc:
             entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
+            write_error_report(out, {"recipe": recipe.name, "model": recipe.header.model, "output": str(out),
+                                     "failed_stage": step.dirname, "stages": results}, exc)
             if isinstance(exc, DraftkitError):
                 raise type(exc)(f"{step.dirname}: {exc}") from exc
             raise
@@ -246,11 +269,12 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
                         "seconds": seconds, "report": report})
         if stage.save is None:  # the stage produced the model the next stage reads
             current = str(stage_dir)
-            in_memory = (model, tok, current)
 
     from draftkit.report import write_run_report
 
+    passed, gates = run_verdict(results)
     run_report = {
+        "passed": passed and not gate_failures,
         "recipe": recipe.name,
         "model": recipe.header.model,
         "output": str(out),
@@ -258,8 +282,12 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int)
         "seconds": round(time.perf_counter() - t_run, 3),
         "threads": threads,
         "gate_failures": gate_failures,
+        "gates": gates,
         "stages": results,
     }
+    from draftkit.compare import apply as compare_runs
+
+    compare_runs(run_report, earlier, [step.config for step in recipe.steps])  # night over night, relative gates
     write_run_report(run_report, out)
     if gate_failures:
         err = GateFailedError("; ".join(gate_failures))

@@ -41,6 +41,7 @@ ALIASES: dict[str, str] = {
     "gemma-2-9b-it": "google/gemma-2-9b-it",
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-360m-instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
     "tinyllama-1.1b-chat": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
 }

@@ -18,7 +18,7 @@ _PREFERRED = {
     "eval": ["mean_recovery", "recovery", "tasks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
-_SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
+_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
 
 
 def _fmt(v: Any) -> str:
@@ -79,8 +79,19 @@ def to_markdown(run_report: dict[str, Any]) -> str:
         status = s["status"] + (" (skipped, unchanged)" if s.get("skipped") else "")
         secs = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else ""
         lines.append(f"| {i} | {s['stage']} | {status} | {secs} | {m.replace('|', '/')} |")
+    if run_report.get("gates"):
+        lines += ["", f"## Gates: {'passed' if run_report.get('passed') else 'FAILED'}", "",
+                  "| stage | gate | metric | value | threshold | verdict |", "|---|---|---|---:|---:|---|"]
+        for g in run_report["gates"]:
+            value = _fmt(g["value"]) if g.get("value") is not None else "n/a"
+            lines.append(f"| {g['index']:02d}-{g['stage']} | {g['gate']} | {g['metric']} | {value} | {_fmt(g['threshold'])} "
+                         f"| {'pass' if g['passed'] else '**fail**'} |")
     if run_report.get("gate_failures"):
         lines += ["", "**Quality gate failed:** " + "; ".join(run_report["gate_failures"])]
+    if run_report.get("comparison"):
+        from draftkit.compare import to_markdown as comparison_markdown
+
+        lines += comparison_markdown(run_report["comparison"])
     for s in run_report["stages"]:
         serve = (s.get("report") or {}).get("serve")
         if serve:
@@ -128,6 +139,10 @@ def make_plots(run_report: dict[str, Any], out: Path) -> list[str]:
                 items = [(k, v) for k, v in rec.items() if isinstance(v, (int, float))]
                 if items:
                     made.append(_bar(items, out / "plots" / "recovery.png", gate=(r.get("gate") or {}).get("min_recovery")))
+    if run_report.get("comparison"):
+        from draftkit.compare import plot as plot_comparison
+
+        made += [p for p in [plot_comparison(run_report["comparison"], out / "plots" / "night_over_night.png")] if p]
     return [str(p) for p in made]
 
 
@@ -172,5 +187,21 @@ def render(run_report: dict[str, Any]) -> None:
         t.add_row(str(i), s["stage"], s["status"] + (" (skipped)" if s.get("skipped") else ""), secs, m)
     console.out.print(t)
     console.out.print(f"final model: {run_report['final_model']}; report: {Path(run_report['output']) / 'report.md'}")
+    comparison = run_report.get("comparison")
+    if comparison:
+        console.out.print(f"night over night ({comparison['labels'][-2]} -> now): {comparison['message']}")
     for f in run_report.get("gate_failures", []):
         console.out.print(f"[red]quality gate failed[/red]: {f}")
+
+
+def write_error_report(out: Path, run_report: dict[str, Any], exc: BaseException) -> None:
+    """report.json of a run a stage failed in: the stages done so far, ``passed: false`` and the error object
+    with its exit code (CI reads a verdict, never a missing or empty report)."""
+    from draftkit.errors import error_object
+    from draftkit.gates import run_verdict
+
+    _, gates = run_verdict(run_report.get("stages", []))
+    try:
+        atomic_write_json(out / "report.json", {**error_object(exc), "gates": gates, **run_report})
+    except OSError:  # the error being reported matters more than its report
+        pass

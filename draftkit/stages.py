@@ -1,7 +1,8 @@
 """The stage registry: each stage is a function ``(model, tokenizer, config) -> (model, report)``.
 
-Commands and the recipe pipeline both go through :func:`run_stage`, so ``draftkit prune`` and a
-recipe's ``prune:`` step are the same code with the same settings.
+Commands (:func:`run_stage`) and the recipe pipeline both go through :func:`run_stage_on`, so
+``draftkit prune`` and a recipe's ``prune:`` step are the same code with the same settings: the same
+streaming rule, memory estimate, "cannot fit" check and work-folder lock.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class Stage:
     # Optional ``check(hf_config, cfg)`` run before the weights load, to fail fast on settings that
     # do not fit the model.
     check: Callable[[Any, BaseModel], None] | None = None
+    # "model": ``run`` takes the model the stage before made. "models": the stage reads several models from
+    # their checkpoints itself (merge): ``run(models, cfg, *, out, load, overwrite, arguments) -> report``,
+    # the models named by the config's ``models`` (recipe stages or paths; see :mod:`draftkit.branches`).
+    reads: Literal["model", "models"] = "model"
 
 
 def stages() -> dict[str, Stage]:
@@ -77,6 +82,7 @@ def stages() -> dict[str, Stage]:
     from draftkit.evaluate import EvalConfig, check_eval, eval_stage
     from draftkit.evaluate.spec import SpecConfig, check_spec, spec_stage
     from draftkit.export import ExportConfig, check_export, export_stage, write_export
+    from draftkit.merge import MergeConfig, merge_checkpoints
     from draftkit.prune import PruneConfig, check_prune, prune_model
     from draftkit.sparsify import SparsifyConfig, sparsify_model
     from draftkit.sparsify.runner import check_sparsify
@@ -85,6 +91,7 @@ def stages() -> dict[str, Stage]:
         "prune": Stage("prune", PruneConfig, prune_model, check=check_prune),
         "sparsify": Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify),
         "distill": Stage("distill", DistillConfig, distill_model, check=check_distill),
+        "merge": Stage("merge", MergeConfig, merge_checkpoints, reads="models"),
         "export": Stage("export", ExportConfig, export_stage, save=write_export, check=check_export),
         "eval": Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval),
         "spec": Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec),
@@ -102,6 +109,33 @@ def trusting(cfg: BaseModel, load: LoadConfig) -> BaseModel:
         cfg = cfg.model_copy()
         cfg._trust_remote_code = True
     return cfg
+
+
+@dataclass
+class Held:
+    """A model in memory and the saved folder it equals: a recipe hands it to its next stage instead of
+    reading that folder again (only while :func:`draftkit.memory.fits_comfortably` says so)."""
+
+    model: Any
+    tokenizer: Any
+    path: str
+
+    def release(self) -> None:
+        """Drop the model (the next stage reads its folder from disk, streamed when its rule says so)."""
+        import gc
+
+        from draftkit.memory import release_freed_memory
+
+        self.model = self.tokenizer = None
+        gc.collect()
+        release_freed_memory()
+
+
+@dataclass
+class StageRun:
+    model: Any  # the stage's model in memory after it ran, None when it streamed from the shards
+    tokenizer: Any
+    report: dict[str, Any]
 
 
 def run_stage(
@@ -122,15 +156,41 @@ def run_stage(
     Raises:
         GateFailedError: after the outputs are written, when the report's ``gate`` failed.
     """
+    report = run_stage_on(name, model_name, cfg, out=out, load=load, overwrite=overwrite, arguments=arguments).report
+    raise_if_gate_failed(report)
+    return report
+
+
+def run_stage_on(
+    name: str,
+    model_name: str,
+    cfg: BaseModel,
+    *,
+    out: str | Path,
+    load: LoadConfig | None = None,
+    overwrite: bool = False,
+    arguments: dict[str, Any] | None = None,
+    held: Held | None = None,
+    lock_what: str | None = None,
+) -> StageRun:
+    """:func:`run_stage` for commands and recipes alike: the stage streams or stays resident by its rule
+    (``load.stream``), its memory estimate is printed, a run that cannot fit stops before any work, and its
+    work folder is locked. ``held`` (a recipe's previous output, in memory) is used in place of reading
+    ``model_name`` when the stage runs resident, and released when it streams. A failed gate is in the report."""
     stage = stages()[name]
     load = load or LoadConfig()
     cfg = trusting(cfg, load)
     threads = apply_threads(load.threads)
+    from draftkit.inputs import check_inputs
+
+    check_inputs(name, model_name, cfg)  # a mistyped input is named before the output is looked at
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name, *config_paths(cfg)))
     t0 = time.perf_counter()
+    if held is not None and held.path != model_name:
+        held.release()
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
-    with work_dir_lock(cfg, stage.name):
+    with work_dir_lock(cfg, lock_what or stage.name):
         from draftkit.memory import announce_before_heavy_work
 
         estimate, streamed = None, False
@@ -139,10 +199,12 @@ def run_stage(
 
             streamed, estimate = plan_run(name, model_name, cfg, load)
             if streamed:
+                if held is not None:
+                    held.release()
                 report = run_streamed(name, model_name, cfg, out=out, load=load, estimate=estimate,
                                       overwrite=overwrite, arguments=arguments)
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
-                return report
+                return StageRun(None, None, report)
         elif name == "eval":  # a perplexity-only evaluation streams by the same rule
             from draftkit.evaluate import planned_eval_stage, streamed_eval_stage
             from draftkit.evaluate.streamed import plan_eval
@@ -153,21 +215,24 @@ def run_stage(
             elif plan is not None:
                 stage = replace(stage, run=planned_eval_stage(plan))
         if streamed:  # eval: the stage reads the checkpoint's shards itself
+            if held is not None:
+                held.release()
             model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
+        elif held is not None and held.model is not None:
+            model, tokenizer = held.model, held.tokenizer
         else:
             model, tokenizer = load_model_and_tokenizer(
                 model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
             )
-            if estimate is not None:
-                announce_before_heavy_work(estimate)
-        _, _, report = execute_stage(
+        if estimate is not None and not streamed:
+            announce_before_heavy_work(estimate)
+        model, tokenizer, report = execute_stage(
             stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
             arguments=arguments,
         )
     report["total_seconds"] = round(time.perf_counter() - t0, 3)
     report["threads"] = threads
-    raise_if_gate_failed(report)
-    return report
+    return StageRun(model, tokenizer, report)
 
 
 def execute_stage(
@@ -189,6 +254,9 @@ def execute_stage(
     :func:`raise_if_gate_failed`.
     """
     model, report = stage.run(model, tokenizer, cfg)
+    from draftkit.gates import judge
+
+    judge(stage.name, cfg, report)  # report["gates"], ["passed"] (and ["gate"] when a threshold is set)
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
     provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
     if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output

@@ -86,6 +86,49 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 6):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma2", "phi3"]
+MOE_ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+
+
+def tiny_moe_config(arch: str, vocab_size: int, layers: int = 4, experts: int = 8, top_k: int = 2):
+    """A tiny random MoE config: 8 routed experts of width 32, 2 per token (Qwen2-MoE adds its shared expert)."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        tie_word_embeddings=False, num_experts_per_tok=top_k,
+    )
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
+                                 head_dim=16, norm_topk_prob=True)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
+                                 shared_expert_intermediate_size=48)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=32, num_experts=experts)
+    raise ValueError(arch)
+
+
+def make_tiny_moe(arch: str, tokenizer_dir: Path, out: Path, layers: int = 4, seed: int = 0) -> Path:
+    """A saved tiny random MoE model (float32) with the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, len(tok), layers))
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_models(tmp_path_factory, tiny_tokenizer_dir) -> dict[str, Path]:
+    """One saved tiny random MoE model per architecture (4 layers, 8 experts, top-2)."""
+    root = tmp_path_factory.mktemp("moe")
+    return {arch: make_tiny_moe(arch, tiny_tokenizer_dir, root / arch) for arch in MOE_ARCHS}
 
 
 @pytest.fixture(scope="session")

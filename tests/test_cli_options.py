@@ -21,6 +21,7 @@ COMMANDS = {
     "decompress": ("draftkit.cli.export", "decompress"),
     "eval": ("draftkit.cli.evaluate", "evaluate"),
     "spec": ("draftkit.cli.spec", "spec"),
+    "merge": ("draftkit.cli.merge", "merge"),
     "inspect": ("draftkit.cli.info", "inspect"),
     "distill run": ("draftkit.cli.distill", "run"),
     "distill train": ("draftkit.cli.distill", "train"),

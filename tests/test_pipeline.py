@@ -8,6 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 import draftkit.prune
+import draftkit.streamed
 from draftkit.cli import app
 from draftkit.errors import EXIT_INVALID_INPUT, DataError
 from draftkit.pipeline import run
@@ -61,13 +62,17 @@ def test_failed_stage_keeps_earlier_outputs(tiny_llama, calib_file, tmp_path, mo
     calls = {"n": 0}
     real = draftkit.prune.prune_model
 
-    def flaky(model, tok, cfg):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of stage 1
-        return real(model, tok, cfg)
+    def flaky(real_fn):
+        def run_it(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of stage 1
+            return real_fn(*args, **kwargs)
+        return run_it
 
-    monkeypatch.setattr(draftkit.prune, "prune_model", flaky)
+    # stage 1 (prune --drop) streams by the command's rule, stage 0 runs resident: interrupt either path
+    monkeypatch.setattr(draftkit.prune, "prune_model", flaky(real))
+    monkeypatch.setattr(draftkit.streamed, "run_streamed", flaky(draftkit.streamed.run_streamed))
     with pytest.raises(KeyboardInterrupt):
         run(load_recipe(str(rec)))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -77,7 +82,7 @@ def test_failed_stage_keeps_earlier_outputs(tiny_llama, calib_file, tmp_path, mo
     assert not (out / "01-prune").exists()
     mtime = os.path.getmtime(out / "00-prune" / "model.safetensors")
 
-    monkeypatch.setattr(draftkit.prune, "prune_model", real)
+    monkeypatch.undo()
     report = run(load_recipe(str(rec)))
     assert [s["skipped"] for s in report["stages"]] == [True, False]
     assert os.path.getmtime(out / "00-prune" / "model.safetensors") == mtime

@@ -208,14 +208,18 @@ HOLD = textwrap.dedent("""
 
 GATED_RUN = textwrap.dedent("""
     import pathlib, sys, time
-    import draftkit.prune
-    real, gate = draftkit.prune.prune_model, pathlib.Path(sys.argv[2])
-    def gated(*a, **k):
-        print("stage started", flush=True)
-        while not gate.exists():
-            time.sleep(0.05)
-        return real(*a, **k)
-    draftkit.prune.prune_model = gated
+    import draftkit.prune, draftkit.streamed
+    gate = pathlib.Path(sys.argv[2])
+    def gated(real):
+        def run_it(*a, **k):
+            print("stage started", flush=True)
+            while not gate.exists():
+                time.sleep(0.05)
+            return real(*a, **k)
+        return run_it
+    # prune --drop streams by the command's rule; a resident prune runs prune_model: gate either path
+    draftkit.prune.prune_model = gated(draftkit.prune.prune_model)
+    draftkit.streamed.run_streamed = gated(draftkit.streamed.run_streamed)
     sys.argv = ["draftkit", "run", sys.argv[1], "--set", sys.argv[3]]
     from draftkit.cli import main
     main()

@@ -20,6 +20,7 @@ from draftkit.bitmask import (
     compressed_groups,
     layout_problem,
 )
+from draftkit.checkpoint import gguf_cache
 from draftkit.errors import ModelLoadError
 from draftkit.input_errors import reading
 from draftkit.model_files import SAFE_INDEX, check_folder, folder_root, index_names, resolve_file
@@ -70,6 +71,7 @@ def load_config(name: str, *, trust_remote_code: bool = False):
         from draftkit.hub import check_hub
 
         check_hub(ref.location)  # one line at once when the hub is unreachable, not ~30 s of retries
+    ref = gguf_cache.lookup(ref)  # a GGUF file converted before: its folder's config
     try:
         return AutoConfig.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
     except Exception as exc:  # noqa: BLE001

@@ -74,16 +74,32 @@ def torch_dtype(dtype: str) -> torch.dtype | str:
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     """The model's tokenizer (a GGUF file's own, chat template included); pad falls back to eos."""
-    from transformers import AutoTokenizer
-
-    ref = resolve_model_ref(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise translate_load_error(ref, exc, "the tokenizer of ") from exc
+    tok = _tokenizer_of(_gguf_converted(resolve_model_ref(name), trust_remote_code), trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def _gguf_converted(ref: ModelRef, trust_remote_code: bool) -> ModelRef:
+    """A GGUF ``ref``'s converted folder (:mod:`draftkit.checkpoint.gguf_cache`), converting it the first time."""
+    from draftkit import console
+    from draftkit.checkpoint import gguf_cache
+
+    hit = gguf_cache.lookup(ref)
+    if ref.kind != "gguf" or hit is not ref or not gguf_cache.enabled():
+        return hit
+    console.info(f"[dim]{ref.location}: dequantizing it once (kept in {gguf_cache.cache_folder(ref.location)})[/dim]")
+    model = _load_pretrained(ref, "auto", trust_remote_code)
+    return gguf_cache.store(ref, model, _tokenizer_of(ref, trust_remote_code))
+
+
+def _tokenizer_of(ref: ModelRef, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise translate_load_error(ref, exc, "the tokenizer of ") from exc
 
 
 def empty_model(config, *, trust_remote_code: bool = False, name: str = ""):
@@ -152,6 +168,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
 
         check_hub(ref.location)
         check_cached_snapshot(ref)
+    ref = _gguf_converted(ref, trust_remote_code)  # a GGUF file: dequantized once per content, then safetensors
     if ref.kind == "dir" and is_sparse_checkpoint(ref.location):
         model = _load_sparse(ref, dtype, trust_remote_code)
     else:
@@ -196,13 +213,14 @@ def _load_pretrained(ref: ModelRef, dtype: str, trust_remote_code: bool):
 
 @contextlib.contextmanager
 def _gguf_progress() -> Iterator[None]:
-    """transformers' GGUF reader draws its own tqdm bar: hide it when draftkit's progress is off."""
+    """transformers' GGUF reader draws its own tqdm bar: shown only with --verbose (and progress on), like the
+    other libraries' bars."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from draftkit.console import progress_enabled
+    from draftkit.console import progress_enabled, verbose
 
     original = gguf_utils.tqdm
-    if not progress_enabled():
+    if not (progress_enabled() and verbose()):
         gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield

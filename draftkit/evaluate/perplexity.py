@@ -56,19 +56,23 @@ class PerplexityPlan:
 
 
 def perplexity(model, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
-               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Perplexity of ``model`` on a local file or a list of rows (see the module docstring).
+               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+               limit: int | None = None) -> dict[str, Any]:
+    """Perplexity of ``model`` on a local file or a list of rows (see the module docstring); ``limit``: the
+    first rows only (chat rows, or a .txt file's paragraphs).
 
     Returns ``{"perplexity", "tokens" (scored), "scored": "response" | "all", ...}``.
     """
     plan = plan_perplexity(model.config, tokenizer, source, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
-                           batch_size=batch_size)
+                           batch_size=batch_size, limit=limit)
     return resident_perplexity(model, plan)
 
 
 def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
-                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8) -> PerplexityPlan:
-    """Tokenize ``source`` into the batches of a perplexity run; ``config`` (the model's) caps ``seqlen``.
+                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+                    limit: int | None = None) -> PerplexityPlan:
+    """Tokenize ``source`` (its first ``limit`` rows) into the batches of a perplexity run; ``config`` (the
+    model's) caps ``seqlen``.
 
     Raises:
         DataError: the file is missing, or it holds nothing to score.
@@ -76,6 +80,8 @@ def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]]
     max_pos = getattr(text_config(config), "max_position_embeddings", None) or seqlen
     seqlen = min(seqlen, max_pos)
     rows, name, plain = _rows(source)
+    if limit is not None:
+        rows = rows[:limit]
     if not plain:
         mapping = detect_columns(rows, fix=RENAME_FIX)
         if "text" not in mapping:

@@ -52,7 +52,7 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
     config, device, can_stream, size = checkpoint_facts(model_name, load)
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
     plan = plan_perplexity(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, limit=cfg.limit)
     widest = max(b["input_ids"].numel() for b in plan.batches)
     total = sum(b["input_ids"].numel() for b in plan.batches)
     seqlen = max(b["input_ids"].shape[1] for b in plan.batches)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from draftkit.modeling import decoder_layers
+from draftkit.moe.arch import router_modules
 
 
 def tensor_sparsity(w: torch.Tensor) -> float:
@@ -50,10 +51,12 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 def target_linears(model: nn.Module, targets: str | None = None, ignore: str | None = None) -> dict[str, nn.Linear]:
     """Linear layers inside the decoder blocks (embeddings and lm_head excluded), filtered by regexes
     on their full module names; ordered as the model's modules are."""
-    layer_ids = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    layers = decoder_layers(model)
+    layer_ids = {id(m) for layer in layers for m in layer.modules()}
+    routers = {i for layer in layers for i in router_modules(layer)}  # an MoE router is never pruned
     out = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or id(module) not in layer_ids:
+        if not isinstance(module, nn.Linear) or id(module) not in layer_ids or id(module) in routers:
             continue
         if targets and not re.search(targets, name):
             continue

@@ -33,7 +33,8 @@ from draftkit import console
 from draftkit.errors import InvalidInputError
 from draftkit.layerwise import ResidentLayers
 from draftkit.memory import heavy_work_starts
-from draftkit.modeling import decoder, decoder_layers
+from draftkit.modeling import count_parameters, decoder, decoder_layers
+from draftkit.moe import expert_linears, moe_sparsity_report
 from draftkit.sparsify.calib import calibration_chunks, check_sparsify
 from draftkit.sparsify.config import SparsifyConfig
 from draftkit.sparsify.masks import target_linears
@@ -169,17 +170,21 @@ def _collect_next_group(layer, targets: dict[str, nn.Linear], pruner: LayerPrune
     returns that group (its members and the Hessian of their shared input) and its modules."""
     group = _Group()
     modules: list[nn.Linear] = []
-    state = {"chunk": 0}
+    # found: the chunk where the group was first seen; seen: its input already accumulated in this chunk.
+    # An expert is called only in the chunks that route tokens to it, so a group may first appear in a
+    # later chunk, and in a later chunk unpruned experts may run before the group's (they are let through).
+    state: dict[str, Any] = {"chunk": 0, "found": None, "seen": False}
 
     def hook(module, inputs):
         name = pruner.names[module]
         if name in pruner.pruned:
             return None
         x = inputs[0]
-        if state["chunk"] == 0:
+        if state["found"] in (None, state["chunk"]):
             if not group.members:
                 group.x = x
                 group.H = make_empty_hessian(x.shape[-1], device=module.weight.device)
+                state["found"] = state["chunk"]
             elif group.x is not x:
                 raise _Stop
             if name not in group.members:
@@ -188,16 +193,19 @@ def _collect_next_group(layer, targets: dict[str, nn.Linear], pruner: LayerPrune
             if name != group.members[0]:
                 return None
         elif name not in group.members:
-            raise _Stop
+            if state["seen"]:
+                raise _Stop
+            return None
         elif name != group.members[0]:
             return None
+        state["seen"] = True
         group.H, group.tokens = accumulate_hessian(group.H, x, group.tokens)
         return None
 
     handles = [lin.register_forward_pre_hook(hook) for lin in targets.values()]
     try:
         for c in range(len(hidden)):
-            state["chunk"] = c
+            state["chunk"], state["seen"] = c, False
             try:
                 run_layer(layer, hidden[c], args[c])
             except _Stop:
@@ -237,10 +245,18 @@ def sparsify_with_tokens(
     ``cfg.calib`` read with ``tokenizer`` when ``chunks`` is None.
 
     ``source`` gives the decoder layers one at a time (:mod:`draftkit.layerwise`): resident in ``model``
-    by default, or streamed from the checkpoint's shards and written out as each is done.
+    by default, or streamed from the checkpoint's shards and written out as each is done. The routed
+    experts of an MoE model are linears of their own meanwhile (:func:`draftkit.moe.expert_linears`).
     """
-    t0 = time.perf_counter()
     source = source or ResidentLayers(model)
+    with expert_linears(source.model):
+        model, report = _sparsify_with_tokens(cfg, chunks, tokenizer, source)
+    report.update(moe_sparsity_report(model, report))
+    return model, report
+
+
+def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tuple[nn.Module, dict[str, Any]]:
+    t0 = time.perf_counter()
     model = source.model
     targets = target_linears(model, cfg.targets, cfg.ignore)
     if not targets:
@@ -316,6 +332,8 @@ def sparsify_with_tokens(
         modules=modules_report,
         sparsity=after,
         targeted_modules=len(targets),
+        targeted_weights=total,
+        targeted_share=round(total / count_parameters(model), 6),
         mean_rel_error=(sum(errors) / len(errors)) if errors else None,
         seconds=round(time.perf_counter() - t0, 3),
     )
