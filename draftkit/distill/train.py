@@ -51,6 +51,7 @@ from draftkit.errors import DataError, DraftkitError, InvalidInputError
 from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
 from draftkit.sparsify.masks import extract_masks
+from draftkit.textcap import TextCap
 
 __all__ = ["IGNORE", "MASK_MIN_SPARSITY", "TrainingDivergedError", "collate", "response_loss", "tokenize_example",
            "train_model", "train_sequences"]
@@ -148,7 +149,9 @@ def train_model(model: nn.Module, tokenizer, examples: list[Example], cfg: Disti
     if not examples:
         raise DataError("no training examples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    encoded = [tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length) for e in examples]
+    cap = TextCap(tokenizer, cfg.max_length, str(cfg.dataset or "the training rows"))
+    encoded = [tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length, cap) for e in examples]
+    cap.report()
     encoded = [e for e in encoded if any(t != IGNORE for t in e["labels"][1:])]
     if not encoded:
         raise DataError(f"every example is longer than max_length={cfg.max_length} before its response: raise --max-length")
