@@ -27,7 +27,7 @@ PLACEHOLDERS = {"MODEL": "examples/tiny/teacher", "TARGET": "examples/tiny/teach
                 "NAME": "demo", "FILE": "recipes/demo.yaml", "MOE": "moe-model"}
 ONLINE = ("arc_easy", "--engine vllm", "/ckpt", "alpaca.jsonl", "gsm8k.jsonl", "STUDENT", "accelerate launch", "llama-")
 DEMO_TRIM = ["stages.0.prune.calib.samples=8", "stages.1.sparsify.calib.samples=8", "stages.2.distill.limit=32",
-             "stages.2.distill.max_new_tokens=64", "stages.4.eval.limit=8", "stages.4.eval.min_recovery=0.01",
+             "stages.2.distill.max_new_tokens=64", "stages.4.eval.limit=8", "stages.4.eval.min_recovery=0.01", "stages.5.spec.min_mal=1.0",
              "stages.5.spec.limit=2", "stages.5.spec.max_new_tokens=16"]
 WRITERS = ("prune", "sparsify", "export", "decompress", "distill")
 

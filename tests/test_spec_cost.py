@@ -74,4 +74,5 @@ def test_spec_report_prediction_uses_measured_costs(tiny_llama, tmp_path):
     assert r["predicted_speedup"] == cm["predicted_speedup_by_k"][k - 1]
     assert cm["best_k"] in range(1, k + 1)
     assert cm["break_even_cost"] == pytest.approx((k + 1 - cm["v"][k]) / k)
+    assert cm["break_even_cost_by_k"] == pytest.approx([(j + 1 - cm["v"][j]) / j for j in range(1, k + 1)])
     assert r["engine"] == "draftkit" and r["speedup"] == r["measured_speedup"]

@@ -4,8 +4,9 @@
   draft (``assistant_model``), the draft proposing exactly ``k`` tokens per round (``num_assistant_tokens=k``,
   ``num_assistant_tokens_schedule="constant"``, and no confidence stop) so the rounds are comparable with draftkit's
   MAL; a draft with another tokenizer goes through Universal Assisted Generation (``tokenizer`` +
-  ``assistant_tokenizer``; with :func:`~draftkit.evaluate.hf_uag.assistant_cache_fix` for transformers 5.x). One untimed warm-up of each, then ``repeats`` timed passes over all prompts, the two
-  alternating which goes first; on CUDA the device is synchronised before every clock read.
+  ``assistant_tokenizer``; with :func:`~draftkit.evaluate.hf_uag.assistant_cache_fix` for transformers 5.x). One
+  untimed warm-up of each, then ``repeats`` passes over all prompts, each prompt timed both ways back to back with
+  the order alternating; on CUDA the device is synchronised before every clock read.
 * ``vllm``: ``LLM(target)`` against ``LLM(target, speculative_config={"method": "draft_model", ...})`` with
   vLLM's own acceptance counters (written against vLLM's documented API; needs vLLM and a GPU).
 
@@ -52,14 +53,24 @@ def speedup_summary(target_tps: list[float], spec_tps: list[float]) -> dict[str,
     }
 
 
+def prompt_spread(by_prompt: list[float]) -> dict[str, Any]:
+    """The quartiles of the per-prompt speedups (each prompt's tokens/s with the draft over without)."""
+    if len(by_prompt) < 4:
+        return {"speedup_by_prompt_quartiles": None}
+    q1, q2, q3 = statistics.quantiles(by_prompt, n=4)
+    return {"speedup_by_prompt_quartiles": [q1, q2, q3]}
+
+
 class _ForwardCounter:
-    """Counts a model's forwards and the tokens each one fed (a forward pre-hook, removed on exit)."""
+    """Counts a model's forwards while ``active`` and the tokens each fed (a forward pre-hook, removed on exit)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.model, self.lengths = model, []
+        self.model, self.lengths, self.active = model, [], False
 
     def __enter__(self):
         def hook(_module, args, kwargs):
+            if not self.active:
+                return
             ids = kwargs.get("input_ids", args[0] if args else None)
             self.lengths.append(int(ids.shape[-1]) if ids is not None else 0)
 
@@ -107,42 +118,50 @@ def run_hf(draft: nn.Module, draft_tok, target: nn.Module, target_tok, prompt_id
             out = target.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg, **kwargs)
         return out[0, ids.shape[1]:].tolist()
 
-    def timed_pass(assisted: bool) -> tuple[float, list[list[int]]]:
+    def timed(ids: torch.Tensor, assisted: bool) -> tuple[float, list[int]]:
         sync(device)
         t0 = time.perf_counter()
-        outs = [generate(ids, assisted) for ids in inputs]
+        out = generate(ids, assisted)
         sync(device)
-        return time.perf_counter() - t0, outs
+        return time.perf_counter() - t0, out
 
+    n = len(inputs)
+    # seconds[side][repeat][prompt]; side 0: the target alone, 1: with the draft
+    seconds = [[[0.0] * n for _ in range(repeats)] for _ in range(2)]
+    tokens = [[0] * n for _ in range(2)]
+    outputs: list[list[list[int]]] = [[[] for _ in range(n)] for _ in range(2)]
     old = _assistant_settings(draft, k)
     try:
         for assisted in (False, True):  # warm-up: first-call allocations and lazy initialisation, untimed
             generate(inputs[0], assisted)
-        target_tps: list[float] = []
-        spec_tps: list[float] = []
-        reference: list[list[int]] = []
-        speculative: list[list[int]] = []
         with _ForwardCounter(target) as t_count, _ForwardCounter(draft) as d_count:
             for r in range(repeats):
-                for assisted in ((False, True) if r % 2 == 0 else (True, False)):
-                    before_t, before_d = len(t_count.lengths), len(d_count.lengths)
-                    seconds, outs = timed_pass(assisted)
-                    tokens = sum(len(o) for o in outs)
-                    (spec_tps if assisted else target_tps).append(tokens / seconds)
-                    if assisted and r == 0:
-                        speculative = outs
-                        rounds = t_count.lengths[before_t:]
-                        draft_forwards = len(d_count.lengths) - before_d
-                    elif not assisted and r == 0:
-                        reference = outs
+                for i, ids in enumerate(inputs):
+                    # each prompt timed both ways back to back, the order alternating: a slow spell on a shared
+                    # machine falls on both sides alike
+                    for side in ((0, 1) if (r + i) % 2 == 0 else (1, 0)):
+                        if r == 0 and side == 1:
+                            t_count.active = d_count.active = True
+                        seconds[side][r][i], out = timed(ids, bool(side))
+                        t_count.active = d_count.active = False
+                        if r == 0:
+                            outputs[side][i], tokens[side][i] = out, len(out)
     finally:
         draft.generation_config = old
+    reference, speculative = outputs
+    rounds = t_count.lengths
+    draft_forwards = len(d_count.lengths)
+    target_tps = [sum(tokens[0]) / sum(seconds[0][r]) for r in range(repeats)]
+    spec_tps = [sum(tokens[1]) / sum(seconds[1][r]) for r in range(repeats)]
+    by_prompt = [(tokens[1][i] / sum(seconds[1][r][i] for r in range(repeats)))
+                 / (tokens[0][i] / sum(seconds[0][r][i] for r in range(repeats))) for i in range(n)]
     differing = [i for i, (a, b) in enumerate(zip(speculative, reference, strict=True)) if a != b]
     committed = sum(len(o) for o in speculative)
     return {
         "engine": "hf",
         "repeats": repeats,
         **speedup_summary(target_tps, spec_tps),
+        **prompt_spread(by_prompt),
         "outputs_identical": not differing,
         "identical_prompts": len(prompt_ids) - len(differing),
         "differing_prompts": differing,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from draftkit import console
@@ -84,6 +84,22 @@ class SpecConfig(BaseModel):
         "rule of Leviathan et al. 2023), same vocabulary only"
     )
     seed: int = Field(0, description="seed of the sampling (with --temperature > 0)")
+    # quality gates (draftkit.gates): judged on the report, not part of the stage's fingerprint
+    min_mal: float | None = Field(None, gt=0, description="fail (exit code 3) when the MAL (committed tokens per "
+                                  "target forward, `mal`) is below this")
+    min_acceptance: float | None = Field(None, gt=0, le=1, description="fail (exit code 3) when the acceptance rate "
+                                         "(accepted / proposed draft tokens) is below this")
+    min_speedup: float | None = Field(None, gt=0, description="fail (exit code 3) when the speedup an engine measured "
+                                      "(--engine hf or vllm) is below this")
+    max_regression: float | None = Field(None, gt=0, lt=1, description="fail (exit code 3) when the MAL fell by more "
+                                         "than this fraction from the last run (a recipe run with --compare)")
+
+    @model_validator(mode="after")
+    def _gates(self) -> SpecConfig:
+        if self.min_speedup is not None and getattr(self, "engine", "draftkit") == "draftkit":
+            raise ValueError("--min-speedup gates the speedup a serving engine measured: add --engine hf (or vllm); "
+                             "draftkit's own loop gives MAL (--min-mal)")
+        return self
 
     @field_validator("k", mode="before")
     @classmethod
@@ -109,7 +125,7 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
                  column: str | None = None) -> list[str]:
     """Prompt texts from a file or a hub dataset, rendered with ``tokenizer``'s chat template when rows are
     chat-like. A prompt given as a list of turns (MT-Bench) uses its first turn."""
-    from draftkit.data import normalise_messages, read_rows, render_chat
+    from draftkit.data import normalise_messages, read_rows, render_chat, row_place
 
     if not _is_prompt_source(path):
         raise DataError(f"prompts file {path} does not exist")
@@ -124,14 +140,14 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
         )
     use_chat = chat and col != "text" and bool(getattr(tokenizer, "chat_template", None))
     out = []
-    for r in rows[:limit] if limit else rows:
+    for i, r in enumerate(rows[:limit] if limit else rows):
         value = r.get(col)
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             value = value[0]  # multi-turn prompts (MT-Bench): the first turn
         if not value:
             continue
         if isinstance(value, list):
-            msgs = normalise_messages(value)
+            msgs = normalise_messages(value, row_place(rows, i))
             while msgs and msgs[-1]["role"] == "assistant":
                 msgs.pop()
             out.append(render_chat(tokenizer, msgs, add_generation_prompt=True) if use_chat
@@ -319,9 +335,12 @@ def check_spec(hf_config, cfg: SpecConfig) -> None:
 def spec_stage(model, tokenizer, cfg: SpecConfig):
     """Stage function: the loaded model is the draft; the target is loaded from ``cfg.target``."""
     from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.compute import load_dtype
 
     # fail on a bad prompts file before the target loads
     read_prompts(cfg.prompts, tokenizer, chat=False, limit=1, split=cfg.split, column=cfg.column)
     device = str(next(model.parameters()).device)
-    target, target_tok = load_model_and_tokenizer(cfg.target, device=device, trust_remote_code=cfg._trust_remote_code)
+    # the target's greedy reference and its verification of the draft both run in this one compute dtype
+    target, target_tok = load_model_and_tokenizer(cfg.target, dtype=load_dtype() or "auto", device=device,
+                                                  trust_remote_code=cfg._trust_remote_code)
     return model, run_spec(model, tokenizer, target, target_tok, cfg)

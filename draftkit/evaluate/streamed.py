@@ -52,7 +52,7 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
     config, device, can_stream, size = checkpoint_facts(model_name, load)
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
     plan = plan_perplexity(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, limit=cfg.limit)
     widest = max(b["input_ids"].numel() for b in plan.batches)
     total = sum(b["input_ids"].numel() for b in plan.batches)
     seqlen = max(b["input_ids"].shape[1] for b in plan.batches)
@@ -88,7 +88,8 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
     batches = plan.batches
     source.load_outside()
     inputs = capture_layer_inputs(source.model, [b["input_ids"] for b in batches], device=source.device,
-                                  masks=[b.get("attention_mask") for b in batches], store=source.store)
+                                  masks=[b.get("attention_mask") for b in batches], store=source.store,
+                                  dtype=source.masters.dtype)
     source.free_outside()
     hidden = inputs.hidden
     store = source.store
