@@ -241,6 +241,16 @@ def test_rows_longer_than_max_length_are_cut_as_text_first(tiny_llama, tmp_path)
     assert len(said) == 1 and "1 text(s) longer than 64 tokens" in said[0] and f"{len(long):,} characters" in said[0], said
 
 
+
+def test_a_spec_prompt_longer_than_the_context_is_cut_as_text(tiny_llama, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello world " * 100_000}) + "\n")  # 1.2 MB; the context is 256
+    r = invoke("spec", tiny_llama, "--target", tiny_llama, "--prompts", prompts, "--k", "2", "--max-new-tokens", "2",
+               "--json")
+    assert r.exit_code == 0, r.output
+    said = [ln for ln in r.output.splitlines() if "cut to their first" in ln]
+    assert len(said) == 1 and "longer than 256 tokens can hold" in said[0], r.output[-2000:]
+
 # ---- the user's machine: OSErrors are user errors with their fix ----------------------------------------
 
 
