@@ -434,3 +434,17 @@ def test_draftkit_run_under_timeout_sigterm(tiny_llama, calib_file, tmp_path):
     assert again.returncode == 0, again.stderr
     assert [s["skipped"] for s in json.loads(again.stdout)["stages"]] == [True, False]
     assert _stage_status(out, 1) == "done" and not (out / ".draftkit.lock").exists()
+
+
+def test_a_full_disk_in_a_recipe_stage_is_exit_2_in_the_report_too(tiny_llama, calib_file, tmp_path, monkeypatch):
+    rec = write_recipe(tmp_path, tiny_llama, calib_file)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "00-prune"))
+
+    monkeypatch.setattr(draftkit.prune, "prune_model", full)
+    line = one_line(invoke("run", rec, "--quiet"))
+    assert line.startswith("error: 00-prune: ") and "no space left on the device" in line
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["error"]["exit_code"] == EXIT_INVALID_INPUT and report["error"]["type"] == "MachineError"
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["0"]["status"] == "failed"
