@@ -19,7 +19,8 @@ _PREFERRED = {
     "merge": ["method", "t", "weights", "sparsity", "layer_sparsity", "tensors_with_different_masks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
-_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
+_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads",
+         "compute"}
 
 
 def _fmt(v: Any) -> str:

@@ -48,6 +48,7 @@ from draftkit.distill.prepare import (
 )
 from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
+from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
 from draftkit.sparsify.masks import extract_masks
 from draftkit.textcap import TextCap
@@ -370,7 +371,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
     for d in root.glob("epoch-*"):
         try:
             info = json.loads((d / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, RecursionError):
             continue
         found.append((info["epoch"], d, info))
     if not found:
@@ -381,6 +382,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
                if info["student"] != student else "other settings or data")
         console.warn(f"ignoring checkpoint {path}: it was made from {why}; training starts afresh")
         return 0, 0, []
-    accelerator.load_state(str(path))
+    with reading(path, "training checkpoint", f"delete {path} to train afresh (or rerun with --overwrite)"):
+        accelerator.load_state(str(path))
     console.info(f"resuming training from {path} (epoch {epoch}, step {info['step']})")
     return epoch, info["step"], info.get("history", [])

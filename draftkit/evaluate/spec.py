@@ -340,9 +340,12 @@ def check_spec(hf_config, cfg: SpecConfig) -> None:
 def spec_stage(model, tokenizer, cfg: SpecConfig):
     """Stage function: the loaded model is the draft; the target is loaded from ``cfg.target``."""
     from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.compute import load_dtype
 
     # fail on a bad prompts file before the target loads
     read_prompts(cfg.prompts, tokenizer, chat=False, limit=1, split=cfg.split, column=cfg.column)
     device = str(next(model.parameters()).device)
-    target, target_tok = load_model_and_tokenizer(cfg.target, device=device, trust_remote_code=cfg._trust_remote_code)
+    # the target's greedy reference and its verification of the draft both run in this one compute dtype
+    target, target_tok = load_model_and_tokenizer(cfg.target, dtype=load_dtype() or "auto", device=device,
+                                                  trust_remote_code=cfg._trust_remote_code)
     return model, run_spec(model, tokenizer, target, target_tok, cfg)
