@@ -9,7 +9,8 @@ teacher's tokenizer (541 tokens). Saved to disk; each tool loads the folder in i
 (``--samples`` x ``--seqlen``), computed once here: draftkit's command reads the same file with the same settings
 (the same samples: the report's token count is checked), llm-compressor gets those token ids as a tokenized
 ``datasets.Dataset``, unshuffled, batch size 1; ``--batch-size 1`` for draftkit too, so both run the same
-per-sample forwards. Both drop ``int(16 * sparsity)`` experts per layer, both prune a layer before its outputs
+per-sample forwards, and ``--compute-dtype float32`` (llm-compressor computes in float32; draftkit's ``auto``
+would pick bfloat16 on a CPU with AMX). Both drop ``int(16 * sparsity)`` experts per layer, both prune a layer before its outputs
 feed the next one (llm-compressor's sequential pipeline; draftkit's layer-wise pass).
 
 **Processes.** ``draftkit prune MODEL --experts S --calib FILE -o OUT`` and llm-compressor's
@@ -163,7 +164,7 @@ def compare_arch(arch: str, work: Path, args) -> dict:
     log(f"{arch}: draftkit")
     dk = timed([sys.executable, "-c", _DRAFTKIT, "prune", str(model_dir), "--experts", str(args.sparsity),
                 "--calib", str(CALIB), "--samples", str(args.samples), "--seqlen", str(args.seqlen),
-                "--batch-size", "1", "-o", str(work / f"{arch}-dk"), "--json"])
+                "--batch-size", "1", "--compute-dtype", args.compute_dtype, "-o", str(work / f"{arch}-dk"), "--json"])
     report = json.loads(dk.pop("stdout"))
     assert report["calibration"]["tokens"] == n_tokens, (report["calibration"], n_tokens)
     runs = {}
@@ -216,6 +217,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--sparsity", type=float, default=0.5, help="fraction of the experts removed per layer")
     ap.add_argument("--archs", default="qwen3_moe,mixtral")
+    ap.add_argument("--compute-dtype", default="float32", help="draftkit's forwards (llm-compressor runs float32)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     if args.worker:
@@ -230,7 +232,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True).stdout.split()
     result = {
         "benchmark": "reap_vs_llmcompressor",
-        "settings": {"samples": args.samples, "seqlen": args.seqlen, "sparsity": args.sparsity, "batch_size": 1},
+        "settings": {"samples": args.samples, "seqlen": args.seqlen, "sparsity": args.sparsity, "batch_size": 1,
+                     "draftkit_compute_dtype": args.compute_dtype},
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
                     "torch": torch.__version__},
         "peer": {"llmcompressor": version[0], "transformers": version[1], "torch": version[2]},
