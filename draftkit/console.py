@@ -33,7 +33,8 @@ HARMLESS_WARNINGS = (
     r".*`torch_dtype` is deprecated.*",
     r".*generation flags are not valid and may be ignored.*",
     r".*Setting `pad_token_id` to `eos_token_id`.*",
-    r".*`is_gradient_checkpointing` is deprecated.*",  # transformers, read by peft on a LoRA run
+    r".*`past_key_values` is deprecated.*",  # transformers 5.x renames the cache argument; every decode says so
+    r".*`is_gradient_checkpointing` is deprecated.*",  # transformers itself when training, and peft on a LoRA run
 )
 # Log records of other libraries that say nothing the user can act on: (logger, message start).
 HARMLESS_RECORDS = (

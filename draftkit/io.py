@@ -142,6 +142,9 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterabl
     out = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
     if raw.strip() == "":
         raise InvalidInputError("output is empty: name a new folder with -o")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InvalidInputError(f"output {raw} is under {parent}, a file, not a folder: choose another -o")
     resolved = out.resolve()
     why = _protected(resolved)
     if why is not None:

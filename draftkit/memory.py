@@ -14,8 +14,10 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,22 +162,50 @@ def gb(n: int) -> float:
 
 
 _pending: list[MemoryEstimate] = []
+_pending_compute: list[str] = []
+
+
+def announce_compute(line: str | None) -> None:
+    """Keep the compute-dtype choice (``compute bfloat16 (auto: ...)``) for the plan line, printed like the
+    estimate once the heavy work starts (or at the end of :func:`plan_line` when a stage never says so)."""
+    _pending_compute[:] = [line] if line else []
+
+
+@contextlib.contextmanager
+def plan_line(*, flush: bool = True) -> Iterator[None]:
+    """Around a stage: on an error the pending plan line is forgotten (the error is the one line printed);
+    with ``flush``, what is still pending once the block succeeds (a stage that never said its heavy work
+    started) is printed then."""
+    try:
+        yield
+    except BaseException:
+        _pending.clear()
+        _pending_compute.clear()
+        raise
+    if flush:
+        heavy_work_starts()
 
 
 def announce_before_heavy_work(estimate: MemoryEstimate) -> None:
     """Keep the estimate until :func:`heavy_work_starts`: so bad settings or data found before then
     still give a single line. Runs without a calibration forward (``prune --drop``, magnitude) copy
-    or edit one tensor at a time and print nothing."""
+    or edit one tensor at a time and print nothing (not even the compute dtype)."""
     _pending[:] = [estimate] if "activations" in estimate.parts else []
+    if not _pending:
+        _pending_compute.clear()  # no forward runs: no compute dtype to speak of either
 
 
 def heavy_work_starts() -> None:
     """Print the pending estimate (once), right before the calibration forward or the tensor copy."""
     from draftkit import console
 
+    compute = _pending_compute.pop() if _pending_compute else None
     if _pending:
         est = _pending.pop()
-        console.info(f"{est.line()}; {'streamed one layer at a time' if est.streamed else 'resident'}")
+        more = f"; {compute}" if compute else ""
+        console.info(f"{est.line()}; {'streamed one layer at a time' if est.streamed else 'resident'}{more}")
+    elif compute:
+        console.info(compute)
 
 
 _libc: ctypes.CDLL | None = None

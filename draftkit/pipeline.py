@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
-from draftkit.branches import input_identity, stage_models
+from draftkit.branches import input_identity, step_inputs
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
-from draftkit.fingerprint import explain, model_identity, stage_fingerprint
+from draftkit.fingerprint import explain, stage_fingerprint
 from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.io import (
     atomic_dir,
@@ -39,6 +39,7 @@ from draftkit.io import (
 )
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.memory import fits_comfortably
+from draftkit.oserrors import user_error
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
 from draftkit.report import write_error_report
@@ -92,18 +93,13 @@ def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False,
     return _run(recipe, out, force_from, fresh=not out.exists(), earlier=earlier)
 
 
-def _input_id(path: str) -> str:
-    """The model a stage reads, by content (a run's own stage folder, a local model, a cached hub snapshot)."""
-    return model_identity(path)
-
-
 def _decide(step, stage_dir: Path, prev: dict[str, Any], fp: str, parts: dict[str, Any], forced: bool) -> tuple[bool, str]:
     """(reuse the saved output?, why) for one stage."""
     if forced:
         return False, "--from"
     if prev.get("status") not in ("done", "gate_failed"):
         return False, {None: "never run", "running": "killed before it finished",
-                       "failed": "failed last time"}.get(prev.get("status"), "not finished")
+                       "failed": "failed last time", "interrupted": "interrupted last time"}.get(prev.get("status"), "not finished")
     if "fingerprint" not in prev:
         return False, "made by an older draftkit (no fingerprint)"
     if not stage_dir.exists():
@@ -123,28 +119,31 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     registry = stages()
     load = recipe.header.load.model_dump(mode="json")
     estimates = stage_estimates(recipe)
-    current, previous, upstream_runs = recipe.header.model, None, False
+    current, previous = recipe.header.model, None
+    rewritten: set[str] = set()  # output folders of model-making stages that will run again
+    fps: dict[int, str] = {}
     rows = []
     for step in recipe.steps:
         stage_dir = out / step.dirname
         prev = entries.get(str(step.index), {})
-        models = stage_models(recipe, step, out) if registry[step.name].reads == "models" else None
-        input_id = (input_identity(models) if models is not None else _input_id(current)) if not upstream_runs \
-            else f"output of a stage that reruns: {current}"
+        reads, refs = step_inputs(recipe, step, out, current)
+        upstream = any(r in rewritten for r in reads)
+        input_id = input_identity(reads) if not upstream else f"output of a stage that reruns: {' + '.join(reads)}"
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load,
-                                      input_id=input_id, previous=previous)
+                                      input_id=input_id, previous="+".join(fps[s.index] for s in refs) if refs else previous)
         forced = force_from is not None and step.index >= force_from
         reuse, why = _decide(step, stage_dir, prev, fp, parts, forced)
-        if upstream_runs and reuse:
+        if upstream and reuse:
             reuse, why = False, "an earlier stage reruns"
         est = estimates[step.index]
-        rows.append({"index": step.index, "stage": step.name, "dir": str(stage_dir),
+        rows.append({"index": step.index, "stage": step.name, "dir": str(stage_dir), "reads": reads,
                      "action": "skip" if reuse else "run", "why": why,
                      "estimated_seconds": None if reuse else prev.get("seconds"),
                      "estimated_memory_bytes": est["memory_bytes"],
                      "estimated_memory": human_bytes(est["memory_bytes"])})
-        upstream_runs = upstream_runs or (not reuse and registry[step.name].save is None)
-        previous = fp if not upstream_runs else f"rerun:{fp}"
+        if not reuse and registry[step.name].save is None:
+            rewritten.add(str(stage_dir))
+        previous = fps[step.index] = fp
         if registry[step.name].save is None:
             current = str(stage_dir)
     return {"recipe": recipe.name, "output": str(out), "dry_run": True, "stages": rows}
@@ -198,16 +197,19 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
     t_run = time.perf_counter()
 
     previous: str | None = None
+    fps: dict[int, str] = {}
     load_json = load.model_dump(mode="json")
     for step in recipe.steps:
         stage = registry[step.name]
         stage_dir = out / step.dirname
         key = str(step.index)
-        models = stage_models(recipe, step, out) if stage.reads == "models" else None
-        input_hash = input_identity(models) if models is not None else _input_id(current)
+        reads, refs = step_inputs(recipe, step, out, current)  # a merge's models, a from: stage's output, or current
+        models = reads if stage.reads == "models" else None
+        input_hash = input_identity(reads)
         fp, parts = stage_fingerprint(stage=step.name, config=step.config.model_dump(mode="json"), load=load_json,
-                                      input_id=input_hash, previous=previous)
-        previous = fp
+                                      input_id=input_hash,
+                                      previous="+".join(fps[s.index] for s in refs) if refs else previous)
+        previous = fps[step.index] = fp
         prev = entries.get(key, {})
         forced = force_from is not None and step.index >= force_from
         reusable, why = _decide(step, stage_dir, prev, fp, parts, forced)
@@ -220,8 +222,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
             if status != prev["status"]:
                 entries[key].update(status=status, report=report)
                 atomic_write_json(out / MANIFEST, manifest)
-            results.append({"stage": step.name, "dir": str(stage_dir), "status": status, "skipped": True,
-                            "seconds": prev.get("seconds"), "report": report})
+            results.append({"stage": step.name, "dir": str(stage_dir), "reads": reads if refs else None, "status": status,
+                            "skipped": True, "seconds": prev.get("seconds"), "report": report})
             if status == "gate_failed":
                 gate_failures.append(f"{step.dirname}: {report.get('gate', {}).get('message', 'gate failed')}")
             if stage.save is None:
@@ -240,21 +242,25 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
                 report = stage.run(models, cfg, out=stage_dir, load=load, overwrite=True,
                                    arguments={"recipe": recipe.name, "step": step.index})
             else:
-                given, held = held if held is not None and held.path == current else None, None
-                ran = run_stage_on(step.name, current, cfg, out=stage_dir, load=load, overwrite=True, held=given,
+                given, held = held if held is not None and held.path == reads[0] else None, None
+                ran = run_stage_on(step.name, reads[0], cfg, out=stage_dir, load=load, overwrite=True, held=given,
                                    arguments={"recipe": recipe.name, "step": step.index}, lock_what=f"run ({step.dirname})")
                 report = ran.report
                 if fits_comfortably(ran.model):  # a stage that writes no model (eval, export) hands on its input
-                    held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else current)
+                    held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else reads[0])
                 del given, ran
         except BaseException as exc:
-            entries[key].update(status="failed", seconds=round(time.perf_counter() - t0, 3),
+            entries[key].update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
+            machine = user_error(exc) if isinstance(exc, Exception) and not isinstance(exc, DraftkitError) else None
             write_error_report(out, {"recipe": recipe.name, "model": recipe.header.model, "output": str(out),
-                                     "failed_stage": step.dirname, "stages": results}, exc)
-            if isinstance(exc, DraftkitError):
-                raise type(exc)(f"{step.dirname}: {exc}") from exc
+                                     "failed_stage": step.dirname, "stages": results}, machine or exc)
+            if machine is not None:  # the user's machine (a full disk...): exit 2 in the report too
+                machine.args = (f"{step.dirname}: {machine}",)
+                raise machine from exc
+            if isinstance(exc, DraftkitError):  # the same error (its type and attributes), its place in front
+                exc.args = (f"{step.dirname}: {exc}", *exc.args[1:])
             raise
         seconds = round(time.perf_counter() - t0, 3)
         status = "done"
@@ -265,7 +271,7 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
             gate_failures.append(f"{step.dirname}: {exc}")
         entries[key].update(status=status, seconds=seconds, report=report)
         atomic_write_json(out / MANIFEST, manifest)
-        results.append({"stage": step.name, "dir": str(stage_dir), "status": status, "skipped": False,
+        results.append({"stage": step.name, "dir": str(stage_dir), "reads": reads if refs else None, "status": status, "skipped": False,
                         "seconds": seconds, "report": report})
         if stage.save is None:  # the stage produced the model the next stage reads
             current = str(stage_dir)

@@ -213,10 +213,16 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
     if environment:
         _check_device(c, load.device)
     draft_tok_source = recipe.header.model  # no stage changes the tokenizer
+    configs: dict[int, Any] = {}  # the config each stage's output has (a from: stage starts from that one's)
     for step in recipe.steps:
         where = f"stages[{step.index}].{step.name}"
         cfg = step.config
         check = registry[step.name].check
+        if step.source is not None:
+            from draftkit.branches import source_step
+
+            src = c.run(f"stages[{step.index}].from", source_step, recipe, step)
+            hf_config = configs.get(src.index) if src is not None else None
         if step.name in ("prune", "sparsify"):
             if hf_config is not None and check is not None:
                 c.run(where, check, hf_config, cfg)
@@ -234,6 +240,7 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
             _check_merge(c, where, recipe, step, trust)
         if step.name == "prune" and hf_config is not None:
             hf_config = after_prune(hf_config, cfg)
+        configs[step.index] = hf_config
     if environment and not c.problems:
         from draftkit.plan import estimate_memory_bytes
 

@@ -16,9 +16,11 @@ _PREFERRED = {
                 "train.zero_positions_changed"],
     "export": ["format", "bytes_on_disk", "dense_bytes", "ratio_to_dense", "serve.status"],
     "eval": ["mean_recovery", "recovery", "tasks"],
+    "merge": ["method", "t", "weights", "sparsity", "layer_sparsity", "tensors_with_different_masks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
-_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
+_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads",
+         "compute"}
 
 
 def _fmt(v: Any) -> str:
@@ -59,6 +61,11 @@ def stage_seconds(run_report: dict[str, Any]) -> float:
     return sum(s["seconds"] for s in run_report["stages"] if isinstance(s.get("seconds"), (int, float)))
 
 
+def _branch(stage: dict[str, Any]) -> str:
+    """`` ← 00-prune`` for a stage that names the stages it reads (``from:``, a merge's ``models:``)."""
+    return f" ← {', '.join(Path(r).name for r in stage['reads'])}" if stage.get("reads") else ""
+
+
 def to_markdown(run_report: dict[str, Any]) -> str:
     skipped = sum(1 for s in run_report["stages"] if s.get("skipped"))
     total = f"- total time: {stage_seconds(run_report):.1f} s (each stage as measured when it ran)"
@@ -78,7 +85,7 @@ def to_markdown(run_report: dict[str, Any]) -> str:
         m = "; ".join(f"{k}: {v}" for k, v in stage_metrics(s["stage"], s.get("report") or {}).items())
         status = s["status"] + (" (skipped, unchanged)" if s.get("skipped") else "")
         secs = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else ""
-        lines.append(f"| {i} | {s['stage']} | {status} | {secs} | {m.replace('|', '/')} |")
+        lines.append(f"| {i} | {s['stage']}{_branch(s)} | {status} | {secs} | {m.replace('|', '/')} |")
     if run_report.get("gates"):
         lines += ["", f"## Gates: {'passed' if run_report.get('passed') else 'FAILED'}", "",
                   "| stage | gate | metric | value | threshold | verdict |", "|---|---|---|---:|---:|---|"]

@@ -29,13 +29,14 @@ def _zeros(t: torch.Tensor) -> int:
     return int((t == 0).sum())
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
-def test_cli_sparsifies_every_expert_and_never_the_router(arch, method, tiny_moe_models, calib_file, tmp_path):
+def test_cli_sparsifies_every_expert_and_never_the_router(arch, method, compute, tiny_moe_models, calib_file, tmp_path):
     src = tiny_moe_models[arch]
     out = tmp_path / "sp"
     res = runner.invoke(app, ["sparsify", str(src), "--method", method, "--sparsity", "0.5", "--calib", str(calib_file),
-                              "--samples", "6", "--seqlen", "48", "-o", str(out), "--json"])
+                              "--samples", "6", "--seqlen", "48", "-o", str(out), "--json", "--compute-dtype", compute])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     before = AutoModelForCausalLM.from_pretrained(src)

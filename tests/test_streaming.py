@@ -32,25 +32,31 @@ def _same(a: dict, b: dict):
         assert float((a[k] - b[k]).abs().max()) <= 1e-6 * den, k
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
-def test_streamed_sparsify_equals_resident(arch, method, tiny_models, calib_file, tmp_path):
+def test_streamed_sparsify_equals_resident(arch, method, compute, tiny_models, calib_file, tmp_path):
     cfg = SparsifyConfig(method=method, sparsity=0.5, calib=CalibConfig(path=str(calib_file), samples=6, seqlen=48))
     reports = {}
     for mode in ("off", "on"):
-        reports[mode] = run_stage("sparsify", str(tiny_models[arch]), cfg, out=tmp_path / mode, load=LoadConfig(stream=mode))
+        reports[mode] = run_stage("sparsify", str(tiny_models[arch]), cfg, out=tmp_path / mode,
+                                  load=LoadConfig(stream=mode, compute=compute))
+        assert reports[mode]["compute"] == compute
     assert reports["on"]["streamed"] is True and not reports["off"]["streamed"]
     _same(_weights(tmp_path / "on"), _weights(tmp_path / "off"))
     assert reports["on"]["sparsity"] == pytest.approx(reports["off"]["sparsity"], abs=0)
     assert reports["on"]["modules"].keys() == reports["off"]["modules"].keys()
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-def test_streamed_prune_equals_resident(arch, tiny_models, calib_file, tmp_path):
+def test_streamed_prune_equals_resident(arch, compute, tiny_models, calib_file, tmp_path):
     cfg = PruneConfig(layers=2, calib=CalibConfig(path=str(calib_file), samples=8, seqlen=64))
     reports = {}
     for mode in ("off", "on"):
-        reports[mode] = run_stage("prune", str(tiny_models[arch]), cfg, out=tmp_path / mode, load=LoadConfig(stream=mode))
+        reports[mode] = run_stage("prune", str(tiny_models[arch]), cfg, out=tmp_path / mode,
+                                  load=LoadConfig(stream=mode, compute=compute))
+        assert reports[mode]["compute"] == compute
     on, off = reports["on"], reports["off"]
     assert on["dropped_layers"] == off["dropped_layers"]
     assert on["block_distances"] == off["block_distances"] and on["block_influence"] == off["block_influence"]

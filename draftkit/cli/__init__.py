@@ -174,8 +174,11 @@ def _root(
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from draftkit.signals import stops_as_interrupts
+
     try:
-        app()
+        with stops_as_interrupts():  # SIGTERM as Ctrl-C from the start (a command's handle_errors says more)
+            app()
     except SystemExit as exc:  # a usage error click reported (exit 2) before any command ran: --json still gets JSON
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code and "--json" in sys.argv[1:]:
@@ -183,6 +186,7 @@ def main() -> None:
 
             print_json_error("invalid command line (the message is on stderr)", code)
         raise
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)
+        sys.stderr.write("terminated (SIGTERM)\n" if code == 143 else "interrupted\n")
+        sys.exit(code)

@@ -16,8 +16,17 @@ from rich.markup import escape
 
 from draftkit import console
 from draftkit.cli._options import Fields
-from draftkit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DraftkitError, InvalidInputError, error_object
+from draftkit.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    DraftkitError,
+    InvalidInputError,
+    error_object,
+)
 from draftkit.io import to_json
+from draftkit.oserrors import user_error
+from draftkit.signals import stops_as_interrupts
 
 # ---- what every stage command takes besides its config: one place, so all spell them the same ----
 ModelArg = Annotated[str, typer.Argument(help="local model directory, .gguf file, alias (see `draftkit models`) or hub id", show_default=False)]
@@ -116,7 +125,8 @@ def handle_errors(fn):
         as_json = wants_json(kwargs)
         _json_printed = False
         try:
-            return fn(*args, **kwargs)
+            with stops_as_interrupts():
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except DraftkitError as exc:
@@ -127,13 +137,21 @@ def handle_errors(fn):
                 print_json_error(exc)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
-            console.err.print("interrupted: completed outputs are kept; re-run to resume")
+            code = getattr(exc, "exit_code", EXIT_INTERRUPTED)
+            why = "terminated (SIGTERM)" if code == EXIT_TERMINATED else "interrupted"
+            console.err.print(f"{why}: completed outputs are kept; re-run to resume")
             if as_json:
-                print_json_error(exc, EXIT_INTERRUPTED)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+                print_json_error(exc, code)
+            raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001
             if debug:
                 traceback.print_exc()
+            user = user_error(exc)  # the user's machine (full disk, read-only, name too long...), not a bug
+            if user is not None:
+                console.err.print(f"[red]error:[/red] {escape(str(user))}", highlight=False)
+                if as_json:
+                    print_json_error(user)
+                raise typer.Exit(user.exit_code) from None
             first = str(exc).splitlines()[0] if str(exc) else ""
             console.err.print(
                 f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} (set DRAFTKIT_DEBUG=1 for the traceback)"

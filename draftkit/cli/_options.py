@@ -64,7 +64,11 @@ class Fields:
         return [n for n in names if n not in self.exclude]
 
     def option(self, name: str) -> str:
-        return "--" + self.rename.get(name, name).replace("_", "-")
+        """``--field-name``, or the name the field's ``json_schema_extra={"option": ...}`` gives it
+        (``LoadConfig.compute`` is ``--compute-dtype`` on every command), or this command's rename."""
+        extra = self.model.model_fields[name].json_schema_extra
+        own = extra.get("option") if isinstance(extra, dict) else None
+        return "--" + self.rename.get(name, str(own or name)).replace("_", "-")
 
     def default(self, name: str) -> Any:
         if self.defaults is not None:

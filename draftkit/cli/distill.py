@@ -143,8 +143,14 @@ def regenerate_cmd(*, cfg: dict, load: dict, io: Output) -> None:
     settings = build(LoadConfig, **load)  # a bad --device or --dtype: exit 2 before anything is read
     config = build(DistillConfig, **cfg)
     out = io.output or Path(f"{Path(str(cfg['dataset'])).stem or 'dataset'}-regenerated")
-    report = regenerate_into(config, out, overwrite=io.overwrite, device=settings.device, dtype=settings.dtype,
-                             trust_remote_code=settings.trust_remote_code)
+    from draftkit.stages import stage_compute
+
+    choice = stage_compute("regenerate", settings)  # the teacher only runs: it loads in the compute dtype
+    from draftkit.memory import plan_line
+
+    with plan_line():
+        report = regenerate_into(config, out, overwrite=io.overwrite, device=settings.device,
+                                 dtype=choice.name if choice else settings.dtype, trust_remote_code=settings.trust_remote_code)
     report["output"] = str(out)
     emit(report, io.as_json, _render_regenerate)
 

@@ -19,7 +19,7 @@ ModelsArg = Annotated[list[str], typer.Argument(
 
 @handle_errors
 @config_options(cfg=Fields(MergeConfig, exclude=("models",)),
-                load=Fields(LoadConfig, exclude=("device", *LOAD_ONLY_STREAMED)), io=OUTPUT)
+                load=Fields(LoadConfig, exclude=("device", "compute", *LOAD_ONLY_STREAMED)), io=OUTPUT)
 def merge(models: ModelsArg, *, cfg: dict, load: dict, io: Output) -> None:
     """Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks.
 

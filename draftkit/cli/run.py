@@ -47,7 +47,8 @@ def run(
 
       draftkit run my.yaml --set model=/ckpt/tonight --set output=runs/tonight --compare runs/last-night
 
-    Exit codes: 0 success, 2 invalid input, 3 a quality gate failed, 1 internal error.
+    Exit codes: 0 success, 2 invalid input, 3 a quality gate failed, 1 internal error, 130 interrupted (Ctrl-C),
+    143 terminated (SIGTERM); after 130 or 143 the next run resumes.
     """
     from draftkit.pipeline import run as run_pipeline
     from draftkit.recipe import load_recipe

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit.answers import extract_answer
+from draftkit.compute import load_dtype
 from draftkit.distill.config import DistillConfig, parse_columns
 from draftkit.distill.engines import check_vllm
 from draftkit.distill.regenerate import ROWS_FILE, HFEngine, load_examples, regenerate
@@ -77,7 +78,7 @@ def distill_model(model, tokenizer, cfg: DistillConfig) -> tuple[Any, dict[str, 
             shared = restore_rows(cfg, work / "data") if state.num_processes == 1 else None
             device = cfg.teacher_device or next(model.parameters()).device
             report["regenerate"] = regenerate(
-                cfg, work / "data", device=device, dtype=cfg.teacher_dtype or "auto",
+                cfg, work / "data", device=device, dtype=cfg.teacher_dtype or load_dtype() or "auto",
                 trust_remote_code=cfg.teacher_trust_remote_code, processes=state if state.num_processes > 1 else None,
                 restart_stale=True,  # the work folder's rows of another teacher or settings are regenerated
             )

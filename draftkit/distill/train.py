@@ -48,8 +48,10 @@ from draftkit.distill.prepare import (
 )
 from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
+from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
 from draftkit.sparsify.masks import extract_masks
+from draftkit.textcap import TextCap
 
 __all__ = ["IGNORE", "MASK_MIN_SPARSITY", "TrainingDivergedError", "collate", "response_loss", "tokenize_example",
            "train_model", "train_sequences"]
@@ -147,7 +149,9 @@ def train_model(model: nn.Module, tokenizer, examples: list[Example], cfg: Disti
     if not examples:
         raise DataError("no training examples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    encoded = [tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length) for e in examples]
+    cap = TextCap(tokenizer, cfg.max_length, str(cfg.dataset or "the training rows"))
+    encoded = [tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length, cap) for e in examples]
+    cap.report()
     encoded = [e for e in encoded if any(t != IGNORE for t in e["labels"][1:])]
     if not encoded:
         raise DataError(f"every example is longer than max_length={cfg.max_length} before its response: raise --max-length")
@@ -367,7 +371,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
     for d in root.glob("epoch-*"):
         try:
             info = json.loads((d / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, RecursionError):
             continue
         found.append((info["epoch"], d, info))
     if not found:
@@ -378,6 +382,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
                if info["student"] != student else "other settings or data")
         console.warn(f"ignoring checkpoint {path}: it was made from {why}; training starts afresh")
         return 0, 0, []
-    accelerator.load_state(str(path))
+    with reading(path, "training checkpoint", f"delete {path} to train afresh (or rerun with --overwrite)"):
+        accelerator.load_state(str(path))
     console.info(f"resuming training from {path} (epoch {epoch}, step {info['step']})")
     return epoch, info["step"], info.get("history", [])

@@ -217,7 +217,9 @@ def streamed_eval_stage(model_name: str, load, estimate, plan):
 
     def run(_model, tokenizer, cfg: EvalConfig):
         results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
-        dtype = load.dtype if load.dtype != "auto" else None
+        from draftkit.compute import load_dtype
+
+        dtype = load_dtype(load.dtype if load.dtype != "auto" else None)  # the baseline runs as this model did
         report = evaluate(None, tokenizer, cfg, device=load.device, results=results, dtype=dtype)
         report["streamed"] = True
         report["memory_estimate_gb"] = estimate_facts(estimate)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from torch import nn
 
 from draftkit import console
+from draftkit.data import model_max_length
 from draftkit.errors import DataError, InvalidInputError
 from draftkit.evaluate.acceptance import acceptance_stats
 from draftkit.evaluate.cost import expected_speedup, macs_per_token
@@ -34,6 +35,7 @@ from draftkit.evaluate.dynamic import TapOut
 from draftkit.evaluate.engines import check_vllm, describe_device, run_hf, run_vllm
 from draftkit.evaluate.payoff import compare, cost_model, dynamic_summary
 from draftkit.evaluate.proposers import SameVocabProposer, TextProposer, Timer, encode_prompt
+from draftkit.textcap import TextCap
 
 _Timer = Timer  # the name before the split
 
@@ -125,7 +127,7 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
                  column: str | None = None) -> list[str]:
     """Prompt texts from a file or a hub dataset, rendered with ``tokenizer``'s chat template when rows are
     chat-like. A prompt given as a list of turns (MT-Bench) uses its first turn."""
-    from draftkit.data import normalise_messages, read_rows, render_chat
+    from draftkit.data import normalise_messages, read_rows, render_chat, row_place
 
     if not _is_prompt_source(path):
         raise DataError(f"prompts file {path} does not exist")
@@ -140,14 +142,14 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
         )
     use_chat = chat and col != "text" and bool(getattr(tokenizer, "chat_template", None))
     out = []
-    for r in rows[:limit] if limit else rows:
+    for i, r in enumerate(rows[:limit] if limit else rows):
         value = r.get(col)
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             value = value[0]  # multi-turn prompts (MT-Bench): the first turn
         if not value:
             continue
         if isinstance(value, list):
-            msgs = normalise_messages(value)
+            msgs = normalise_messages(value, row_place(rows, i))
             while msgs and msgs[-1]["role"] == "assistant":
                 msgs.pop()
             out.append(render_chat(tokenizer, msgs, add_generation_prompt=True) if use_chat
@@ -209,6 +211,9 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
             "target's tokenizer, or --temperature 0 (greedy) with --mode text"
         )
     prompts = read_prompts(cfg.prompts, target_tok, chat=cfg.chat, limit=cfg.limit, split=cfg.split, column=cfg.column)
+    cap = TextCap(target_tok, model_max_length(target) or 131072, str(cfg.prompts))  # beyond the context: cut as text
+    prompts = [cap(p) for p in prompts]
+    cap.report()
     if mode == "text":
         check_text_fallback(draft_tok, prompts)
     elif draft.get_output_embeddings().weight.shape[0] < target.get_output_embeddings().weight.shape[0]:
@@ -335,9 +340,12 @@ def check_spec(hf_config, cfg: SpecConfig) -> None:
 def spec_stage(model, tokenizer, cfg: SpecConfig):
     """Stage function: the loaded model is the draft; the target is loaded from ``cfg.target``."""
     from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.compute import load_dtype
 
     # fail on a bad prompts file before the target loads
     read_prompts(cfg.prompts, tokenizer, chat=False, limit=1, split=cfg.split, column=cfg.column)
     device = str(next(model.parameters()).device)
-    target, target_tok = load_model_and_tokenizer(cfg.target, device=device, trust_remote_code=cfg._trust_remote_code)
+    # the target's greedy reference and its verification of the draft both run in this one compute dtype
+    target, target_tok = load_model_and_tokenizer(cfg.target, dtype=load_dtype() or "auto", device=device,
+                                                  trust_remote_code=cfg._trust_remote_code)
     return model, run_spec(model, tokenizer, target, target_tok, cfg)

@@ -88,7 +88,8 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
     batches = plan.batches
     source.load_outside()
     inputs = capture_layer_inputs(source.model, [b["input_ids"] for b in batches], device=source.device,
-                                  masks=[b.get("attention_mask") for b in batches], store=source.store)
+                                  masks=[b.get("attention_mask") for b in batches], store=source.store,
+                                  dtype=source.masters.dtype)
     source.free_outside()
     hidden = inputs.hidden
     store = source.store

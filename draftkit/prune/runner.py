@@ -45,7 +45,8 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
         by_len.setdefault(len(s), []).append(s)
     batches = [torch.stack(g[i : i + batch_size]) for g in by_len.values() for i in range(0, len(g), batch_size)]
     source.load_outside()
-    inputs = capture_layer_inputs(source.model, batches, device=source.device, store=source.store)
+    inputs = capture_layer_inputs(source.model, batches, device=source.device, store=source.store,
+                                  dtype=source.masters.dtype)
     source.free_outside()
     hidden = inputs.hidden
     cos_sum = torch.zeros(n, dtype=torch.float64)
