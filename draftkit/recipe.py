@@ -45,9 +45,8 @@ class RecipeHeader(BaseModel):
     description: str | None = Field(None, description="free text shown by `draftkit recipes list`")
     load: LoadConfig = Field(default_factory=LoadConfig,
                              description="execution options: how models are loaded and where they run")
-    keep: Literal["all", "final"] = Field(
-        "all", description="final: once the run ends, delete every stage's model copy but the final draft's "
-        "(exports and reports stay): a nightly job does not pile up full copies")
+    keep: Literal["all", "final"] = Field("all", description="final: once the run ends, delete every stage's "
+                                          "model copy but the final draft's (exports and reports stay)")
     stages: list[Any] = Field(min_length=1, description="stage entries, each {stage_name: settings}")
 
 
