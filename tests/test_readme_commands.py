@@ -59,6 +59,7 @@ def is_offline(cmd: str) -> bool:
 def trimmed(cmd: str) -> tuple[list[str], tuple[int, ...]]:
     """The argv to run and the exit codes the README promises (3: a failed --min-recovery gate)."""
     cmd = cmd.replace("[--json]", "--json")
+    cmd = re.sub(r"\s+>\s*\S+$", "", cmd)  # `--json > report.json`: the runner captures stdout itself
     argv = [PLACEHOLDERS.get(w, w) for w in shlex.split(cmd)[1:]]
     argv = [re.sub(r"^(DRAFT)(-\w+)$", lambda m: PLACEHOLDERS["DRAFT"] + m.group(2), w) for w in argv]
     sub = argv[0] if argv[0] != "distill" else "distill " + argv[1]
