@@ -231,3 +231,19 @@ def test_a_bin_index_is_checked_too(tiny_llama, tmp_path):
     (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="pytorch_model.bin.index.json names ../victim/pytorch_model.bin, which points outside"):
         resolve_model_ref(str(model))
+
+
+def test_run_fingerprint_never_reads_through_a_link_out_of_a_subfolder(tiny_llama, tmp_path):
+    """`run` hashes every file of its input model: a file in a subfolder that links outside is skipped, not read."""
+    from draftkit.fingerprint import content_hash
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "extra").mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"a")
+    (model / "extra" / "notes.bin").symlink_to(secret)
+    before, followed = content_hash(model, model=True), content_hash(model)
+    secret.write_bytes(b"b")  # a change outside the folder does not reach the model's identity
+    assert content_hash(model, model=True) == before
+    assert content_hash(model) != followed  # (a data folder is hashed as it is, links followed)
