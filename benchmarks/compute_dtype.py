@@ -167,6 +167,34 @@ def run_model(label: str, model: str, data: dict[str, Any], work: Path, args, re
     return res
 
 
+def table(result: dict[str, Any]) -> str:
+    """The README's table, from the JSON."""
+    rows = ["| model | stage | what is compared | float32 | bfloat16 | bf16 / fp32 time |", "|---|---|---|---:|---:|---:|"]
+    for label, m in result.get("models", {}).items():
+        if "prune" in m:
+            p = m["prune"]
+            rows.append(f"| {label} | prune | dropped blocks (max distance difference {p['max_distance_difference']:.2g}) | "
+                        f"{p['float32']['dropped_layers']} | {p['bfloat16']['dropped_layers']} | "
+                        f"{p['bfloat16']['seconds'] / p['float32']['seconds']:.2f} |")
+        if "sparsify" in m:
+            sp = m["sparsify"]
+            rows.append(f"| {label} | sparsify | held-out perplexity (dense {sp['dense_heldout_perplexity']:.3f}; "
+                        f"{100 * sp['mask_entries_differing']:.2f}% of mask entries differ) | "
+                        f"{sp['float32']['heldout_perplexity']:.3f} | {sp['bfloat16']['heldout_perplexity']:.3f} | "
+                        f"{sp['time_ratio_bf16']:.2f} |")
+        if "spec" in m:
+            sc = m["spec"]
+            rows.append(f"| {label} | spec | MAL, lossless | {sc['float32']['mal']:.2f}, {sc['float32']['lossless']} | "
+                        f"{sc['bfloat16']['mal']:.2f}, {sc['bfloat16']['lossless']} | "
+                        f"{sc['bfloat16']['seconds'] / sc['float32']['seconds']:.2f} |")
+        if "train" in m:
+            t = m["train"]
+            rows.append(f"| {label} | distill training (fp32 vs bf16-mixed) | eval loss after {t['fp32']['steps']} steps "
+                        f"(before {t['fp32']['eval_loss_before']:.4f}) | {t['fp32']['eval_loss_after']:.4f} | "
+                        f"{t['bf16-mixed']['eval_loss_after']:.4f} | {1 / t['speedup_bf16_mixed']:.2f} |")
+    return "\n".join(rows)
+
+
 def demo_data(work: Path) -> dict[str, Any]:
     from draftkit.resources import demo_data as folder
     from draftkit.resources import demo_teacher
@@ -253,6 +281,7 @@ def main(argv=None) -> None:
                     save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(table(result))
     log(f"wrote {out_path}")
 
 
