@@ -96,8 +96,7 @@ class DistillConfig(BaseModel):
     checkpoints: bool = Field(True, description="save a checkpoint each epoch in work_dir and resume from the last one")
     precision: Literal["auto", "bf16-mixed", "fp32", "bf16-true"] = Field(
         "auto",
-        description="auto: bf16-mixed where the device runs bf16 fast (a GPU with bf16, a CPU with AMX or "
-        "AVX512-BF16), fp32 elsewhere; bf16-mixed: float32 master weights and AdamW state, "
+        description="auto: bf16-mixed on a GPU, fp32 on a CPU; bf16-mixed: float32 master weights and AdamW state, "
         "bfloat16 autocast compute; fp32: float32 throughout; bf16-true: bfloat16 weights and AdamW state "
         "(least memory, but small updates are rounded away)",
     )

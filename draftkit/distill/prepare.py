@@ -26,14 +26,12 @@ CHECKPOINTING_ABOVE = 1_000_000_000  # parameters: activation checkpointing is o
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16-mixed`` where the device runs bf16 fast (:func:`draftkit.compute.fast_bf16`: a GPU with
-    bf16, a CPU with AMX or AVX512-BF16; measured faster at equal loss, ``benchmarks/compute_dtype.py``), ``fp32``
-    elsewhere."""
-    from draftkit.compute import fast_bf16
-
+    """``auto`` -> ``bf16-mixed`` on a GPU that supports bf16, ``fp32`` elsewhere."""
     if precision != "auto":
         return precision
-    return "bf16-mixed" if device.type in ("cuda", "cpu") and fast_bf16(device) else "fp32"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "fp32"
 
 
 def set_precision(model: nn.Module, precision: str, *, trainable_only: bool = False):
