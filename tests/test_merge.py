@@ -25,9 +25,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _merge(*args: str, code: int = 0):
+    """The JSON report of a merge that succeeds; the error output (stderr) of one that fails."""
     r = CliRunner().invoke(app, ["merge", *args, "--json", "-q"])
     assert r.exit_code == code, r.output
-    return json.loads(r.stdout) if code == 0 else r.output
+    return json.loads(r.stdout) if code == 0 else r.stderr
 
 
 @pytest.fixture(scope="module")

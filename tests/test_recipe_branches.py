@@ -104,7 +104,8 @@ def test_killed_in_a_branch_resumes_to_the_same_result(tiny_llama, datasets, tmp
         run(load_recipe(str(rec)))
     out = tmp_path / "killed"
     manifest = json.loads((out / "manifest.json").read_text())["stages"]
-    assert [manifest[str(i)]["status"] for i in range(4)] == ["done", "done", "done", "failed"]
+    assert [manifest[str(i)]["status"] for i in range(3)] == ["done"] * 3
+    assert manifest["3"]["status"] in ("failed", "interrupted")
     assert not (out / "03-merge").exists()
     monkeypatch.setattr(draftkit.merge.runner, "merge_checkpoints", real)
     # a SIGKILL during the second branch: its folder half-written, its entry still "running"
