@@ -294,6 +294,10 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
     from draftkit.compare import apply as compare_runs
 
     compare_runs(run_report, earlier, [step.config for step in recipe.steps])  # night over night, relative gates
+    if recipe.header.keep == "final":
+        from draftkit.reuse import keep_final
+
+        keep_final(run_report, out, {name for name, st in registry.items() if st.save is None})
     write_run_report(run_report, out)
     if gate_failures:
         err = GateFailedError("; ".join(gate_failures))

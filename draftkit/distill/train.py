@@ -50,7 +50,7 @@ from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
 from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
-from draftkit.sparsify.masks import extract_masks
+from draftkit.sparsify.masks import extract_masks, masked_weight
 from draftkit.textcap import TextCap
 
 __all__ = ["IGNORE", "MASK_MIN_SPARSITY", "TrainingDivergedError", "collate", "response_loss", "tokenize_example",
@@ -345,8 +345,8 @@ def _token_share(batch: dict[str, torch.Tensor], accelerator) -> torch.Tensor:
 
 def _changed_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Positions that were zero before training (``~mask``, taken from the weights then) and are not now."""
-    modules = dict(model.named_modules())
-    return sum(int(((modules[n].weight != 0) & ~m.to(modules[n].weight.device)).sum()) for n, m in masks.items())
+    weights = {n: masked_weight(model, n) for n in masks}
+    return sum(int(((weights[n] != 0) & ~m.to(weights[n].device)).sum()) for n, m in masks.items())
 
 
 def _save_checkpoint(root: Path, epoch: int, step: int, history, keys: dict[str, str], accelerator) -> None:
