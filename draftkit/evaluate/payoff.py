@@ -14,14 +14,15 @@ from draftkit.evaluate.cost import best_k, break_even_cost, expected_tokens, pre
 from draftkit.evaluate.latency import measure_costs
 
 GAP = 0.15  # measured and predicted speedups further apart than this are printed side by side
-COST_PROMPTS = 3  # prompts the forwards are timed on (each: one warm-up and five timed repeats per size)
+COST_PROMPTS = 3  # prompts the forwards are timed on (each: one warm-up and COST_REPEATS timed repeats per size)
+COST_REPEATS = 10  # medians of 30 timings per size: steady enough on a shared CPU
 
 
 def cost_model(draft: nn.Module, target: nn.Module, prompts: list[tuple[list[int], list[int]]], *, k: int,
                alpha: list[float | None], steps: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     """Measure ``c`` and ``v(0..k)`` on the device, predict the speedup of every k from the acceptance by
     position ``alpha``; with ``steps`` (a dynamic-k run) also the prediction for those very steps."""
-    costs = measure_costs(draft, target, prompts[:COST_PROMPTS], k_max=k)
+    costs = measure_costs(draft, target, prompts[:COST_PROMPTS], k_max=k, repeats=COST_REPEATS)
     c, v = costs["c"], costs["v"]
     by_k = predicted_speedup(alpha, c, v)
     out: dict[str, Any] = {**costs, "predicted_speedup_by_k": by_k}
