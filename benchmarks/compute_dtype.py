@@ -93,16 +93,36 @@ def perplexity_of(path: Path, heldout, seqlen: int, max_tokens: int) -> float:
     return round(perplexity(model, tok, heldout, seqlen=seqlen, max_tokens=max_tokens)["perplexity"], 4)
 
 
-def run_model(label: str, model: str, data: dict[str, Any], work: Path, args) -> dict[str, Any]:
+def run_model(label: str, model: str, data: dict[str, Any], work: Path, args, res: dict[str, Any], save,
+              parts: list[str]) -> None:
     from draftkit.data import CalibConfig
     from draftkit.distill import DistillConfig
     from draftkit.evaluate.spec import SpecConfig
     from draftkit.prune import PruneConfig
     from draftkit.sparsify import SparsifyConfig
 
-    res: dict[str, Any] = {"model": model}
+    res["model"] = model
     calib = CalibConfig(path=str(data["calib"]), samples=data["samples"], seqlen=data["seqlen"])
-    if "prune" in args.parts:
+    if "train" in parts:
+        runs = {}
+        for p in ("fp32", "bf16-mixed"):
+            cfg = DistillConfig(dataset=str(data["train_rows"]), regenerate=False, limit=args.train_rows, epochs=1,
+                                max_steps=args.train_steps, train_batch_size=data["train_batch"], lr=data["lr"],
+                                max_length=data["train_len"], precision=p, checkpoints=False, eval_fraction=0.1,
+                                seed=0)
+            r, s = timed_stage("distill", model, cfg,
+                               work / f"{label}-train-{p}", "auto")
+            t = r["train"]
+            runs[p] = {"eval_loss_before": t["eval_loss_before"], "eval_loss_after": t["eval_loss_after"],
+                       "steps": t["steps"], "tokens_per_second": t.get("tokens_per_second"), "seconds": s,
+                       "precision": t["precision"]}
+            log(f"{label} train {p}: {runs[p]}")
+        tps = [runs[p]["tokens_per_second"] for p in ("fp32", "bf16-mixed")]
+        if all(tps):
+            runs["speedup_bf16_mixed"] = round(tps[1] / tps[0], 3)
+        res["train"] = runs
+        save()
+    if "prune" in parts:
         runs = {}
         for c in DTYPES:
             r, s = timed_stage("prune", model, PruneConfig(layers=data["prune_layers"], calib=calib),
@@ -111,11 +131,12 @@ def run_model(label: str, model: str, data: dict[str, Any], work: Path, args) ->
                        "distances": [d["distance"] for d in r["block_distances"]]}
             log(f"{label} prune {c}: dropped {r['dropped_layers']} in {s}s")
         d32, d16 = runs["float32"].pop("distances"), runs["bfloat16"].pop("distances")
-        res["prune"] = {**runs, "same_blocks": runs["float32"]["dropped_layers"] == runs["bfloat16"]["dropped_layers"],
+        res["prune"] = runs = {**runs, "same_blocks": runs["float32"]["dropped_layers"] == runs["bfloat16"]["dropped_layers"],
                         "max_distance_difference": round(max(abs(a - b) for a, b in zip(d32, d16, strict=True)), 6),
                         "smallest_distance_gap": round(sorted(d32)[1] - sorted(d32)[0], 6)}
+        save()
     outs = {c: work / f"{label}-sparsify-{c}" for c in DTYPES}
-    if "sparsify" in args.parts or "spec" in args.parts:
+    if "sparsify" in parts or "spec" in parts:
         runs = {}
         for c in DTYPES:
             cfg = SparsifyConfig(sparsity=0.5, calib=calib)
@@ -130,8 +151,9 @@ def run_model(label: str, model: str, data: dict[str, Any], work: Path, args) ->
         runs["time_ratio_bf16"] = round(runs["bfloat16"]["seconds"] / runs["float32"]["seconds"], 3)
         runs["perplexity_ratio_bf16"] = round(runs["bfloat16"]["heldout_perplexity"] / runs["float32"]["heldout_perplexity"], 4)
         res["sparsify"] = runs
+        save()
         log(f"{label} sparsify: {runs}")
-    if "spec" in args.parts:
+    if "spec" in parts:
         runs = {}
         for c in DTYPES:
             cfg = SpecConfig(target=model, prompts=str(data["prompts"]), limit=args.spec_prompts, k=4,
@@ -141,25 +163,36 @@ def run_model(label: str, model: str, data: dict[str, Any], work: Path, args) ->
                        "prompts": r["prompts"], "target_forward_ms": r["target_forward_ms"], "seconds": s}
             log(f"{label} spec {c}: {runs[c]}")
         res["spec"] = runs
-    if "train" in args.parts:
-        runs = {}
-        for p in ("fp32", "bf16-mixed"):
-            cfg = DistillConfig(dataset=str(data["train_rows"]), regenerate=False, limit=args.train_rows, epochs=1,
-                                max_steps=args.train_steps, train_batch_size=data["train_batch"], lr=data["lr"],
-                                max_length=data["train_len"], precision=p, checkpoints=False, eval_fraction=0.1,
-                                seed=0)
-            r, s = timed_stage("distill", str(outs["float32"]) if outs["float32"].is_dir() else model, cfg,
-                               work / f"{label}-train-{p}", "auto")
-            t = r["train"]
-            runs[p] = {"eval_loss_before": t["eval_loss_before"], "eval_loss_after": t["eval_loss_after"],
-                       "steps": t["steps"], "tokens_per_second": t.get("tokens_per_second"), "seconds": s,
-                       "precision": t["precision"]}
-            log(f"{label} train {p}: {runs[p]}")
-        tps = [runs[p]["tokens_per_second"] for p in ("fp32", "bf16-mixed")]
-        if all(tps):
-            runs["speedup_bf16_mixed"] = round(tps[1] / tps[0], 3)
-        res["train"] = runs
+        save()
     return res
+
+
+def table(result: dict[str, Any]) -> str:
+    """The README's table, from the JSON."""
+    rows = ["| model | stage | what is compared | float32 | bfloat16 | bf16 / fp32 time |", "|---|---|---|---:|---:|---:|"]
+    for label, m in result.get("models", {}).items():
+        if "prune" in m:
+            p = m["prune"]
+            rows.append(f"| {label} | prune | dropped blocks (max distance difference {p['max_distance_difference']:.2g}) | "
+                        f"{p['float32']['dropped_layers']} | {p['bfloat16']['dropped_layers']} | "
+                        f"{p['bfloat16']['seconds'] / p['float32']['seconds']:.2f} |")
+        if "sparsify" in m:
+            sp = m["sparsify"]
+            rows.append(f"| {label} | sparsify | held-out perplexity (dense {sp['dense_heldout_perplexity']:.3f}; "
+                        f"{100 * sp['mask_entries_differing']:.2f}% of mask entries differ) | "
+                        f"{sp['float32']['heldout_perplexity']:.3f} | {sp['bfloat16']['heldout_perplexity']:.3f} | "
+                        f"{sp['time_ratio_bf16']:.2f} |")
+        if "spec" in m:
+            sc = m["spec"]
+            rows.append(f"| {label} | spec | MAL, lossless | {sc['float32']['mal']:.2f}, {sc['float32']['lossless']} | "
+                        f"{sc['bfloat16']['mal']:.2f}, {sc['bfloat16']['lossless']} | "
+                        f"{sc['bfloat16']['seconds'] / sc['float32']['seconds']:.2f} |")
+        if "train" in m:
+            t = m["train"]
+            rows.append(f"| {label} | distill training (fp32 vs bf16-mixed) | eval loss after {t['fp32']['steps']} steps "
+                        f"(before {t['fp32']['eval_loss_before']:.4f}) | {t['fp32']['eval_loss_after']:.4f} | "
+                        f"{t['bf16-mixed']['eval_loss_after']:.4f} | {1 / t['speedup_bf16_mixed']:.2f} |")
+    return "\n".join(rows)
 
 
 def demo_data(work: Path) -> dict[str, Any]:
@@ -180,20 +213,20 @@ def smollm2_data(work: Path, args) -> dict[str, Any]:
     write_text(GSM8K / "test.jsonl", heldout, 400)
     return {"calib": calib, "samples": args.samples, "seqlen": 512, "prune_layers": 6, "heldout": str(heldout),
             "ppl_seqlen": 512, "prompts": GSM8K / "test.jsonl", "train_rows": GSM8K / "train.jsonl",
-            "train_batch": 4, "lr": 2e-5, "train_len": 256}
+            "train_batch": 4, "lr": 2e-5, "train_len": 128}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="demo,smollm2")
     ap.add_argument("--parts", default="prune,sparsify,spec,train")
-    ap.add_argument("--samples", type=int, default=32, help="SmolLM2 calibration samples of 512 tokens")
-    ap.add_argument("--ppl-tokens", type=int, default=16384)
-    ap.add_argument("--spec-prompts", type=int, default=10)
-    ap.add_argument("--spec-tokens", type=int, default=48)
+    ap.add_argument("--samples", type=int, default=16, help="SmolLM2 calibration samples of 512 tokens")
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
+    ap.add_argument("--spec-prompts", type=int, default=8)
+    ap.add_argument("--spec-tokens", type=int, default=32)
     ap.add_argument("--train-rows", type=int, default=400)
-    ap.add_argument("--train-steps", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="1: a loaded 2-core machine makes 2 threads wait on each other")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     args.parts = args.parts.split(",")
@@ -214,27 +247,41 @@ def main(argv=None) -> None:
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         settings={k: v for k, v in vars(args).items() if k != "out"},
     )
+    t_start = time.perf_counter()
     result["matmul_gflops"] = matmul_rates()
     log(f"matmul GFLOP/s: {result['matmul_gflops']}")
     work = Path(tempfile.mkdtemp(prefix="dk-compute-"))
+
+    def save() -> None:
+        result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        result["loadavg_now"] = [round(x, 2) for x in os.getloadavg()]
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
     try:
         models = result.setdefault("models", {})
+        inputs: dict[str, tuple[str, dict[str, Any]]] = {}
         for label in args.models.split(","):
             if label == "demo":
                 from draftkit.resources import demo_teacher
 
-                models["demo"] = run_model("demo", str(demo_teacher()), demo_data(work), work, args)
+                inputs["demo"] = (str(demo_teacher()), demo_data(work))
             else:
                 from benchmarks.sd2_smollm2 import ensure_target, find_gguf
 
                 target = ensure_target(find_gguf(None), Path.home() / ".cache" / "draftkit" / "sd2" / "smollm2-135m-instruct")
                 data = smollm2_data(work, args)
                 data["dense_dir"] = target
-                models["smollm2"] = run_model("smollm2", str(target), data, work, args)
-            models[label]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-            out_path.write_text(json.dumps(result, indent=2) + "\n")
+                inputs["smollm2"] = (str(target), data)
+        # training of every model first (the precision decision), then the compute-dtype stages
+        for parts in ([p for p in args.parts if p == "train"], [p for p in args.parts if p != "train"]):
+            for label, (model, data) in inputs.items():
+                if parts:
+                    run_model(label, model, data, work, args, models.setdefault(label, {}), save, parts)
+                    models[label]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+                    save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(table(result))
     log(f"wrote {out_path}")
 
 

@@ -70,14 +70,19 @@ def offline_if_unreachable() -> bool:
     host, port = _endpoint()
     if _reachable(host, port):
         return False
+    global _switched
+    _switched = True
     _go_offline()
     return True
 
 
+_switched = False  # offline_if_unreachable found the hub unreachable (rather than HF_HUB_OFFLINE=1 asked)
+
+
 def unreachable_hint() -> str:
+    """Why the hub is not used, for an error line (no probe: the caller already knows it is offline)."""
     host, port = _endpoint()
-    how = "HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") and _reachable(host, port) else f"{host}:{port} cannot be reached"
-    return f"the hub is offline ({how})"
+    return f"the hub is offline ({f'{host}:{port} cannot be reached' if _switched else 'HF_HUB_OFFLINE=1'})"
 
 
 def check_hub(repo_id: str) -> None:

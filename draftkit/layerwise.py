@@ -93,7 +93,7 @@ class StreamedLayers:
     def __init__(self, location: str | os.PathLike, config, *, device: torch.device, dtype: torch.dtype | None = None,
                  trust_remote_code: bool = False):
         self.ckpt = LazyCheckpoint(location, trust_remote_code=trust_remote_code)
-        self.model = empty_model(config, trust_remote_code=trust_remote_code)
+        self.model = empty_model(config, trust_remote_code=trust_remote_code, name=str(location))
         self.model.tie_weights()  # a tied head is the embeddings' Parameter, read under the embeddings' key
         self.layers = decoder_layers(self.model)  # unsupported architectures fail here, with their own message
         self.prefix = layer_list_prefix(self.model)

@@ -7,6 +7,8 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
 * calibration activations: the hidden states entering and leaving the current layer, for every token;
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
   token, plus the eager attention scores (heads × sequence length per token);
+* MoE layers: per token, the router's scores and, for each of its ``top_k`` experts, the gathered input
+  and the expert's three intermediate values (:func:`draftkit.moe.arch.moe_values_per_token`);
 * SparseGPT: the largest Hessian and its one work buffer ([columns, columns] float32 each), plus a
   float32 copy of the widest group of weights pruned together;
 * the Python process itself (torch and transformers imported): about 0.45 GB.
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
+from draftkit.moe.arch import moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 GB = 1e9
@@ -74,8 +77,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.device, tokens: int,
-                    seqlen: int, chunk_tokens: int, sparsegpt: bool, dtype_bytes: int = 4) -> MemoryEstimate:
-    """Peak memory of a calibration run (prune scoring or sparsify), by the parts listed above."""
+                    seqlen: int, chunk_tokens: int, sparsegpt: bool, dtype_bytes: int = 4,
+                    act_bytes: int | None = None) -> MemoryEstimate:
+    """Peak memory of a calibration run (prune scoring or sparsify), by the parts listed above; weights take
+    ``dtype_bytes`` per value, activations ``act_bytes`` (the compute dtype's; default: the weights')."""
+    act = act_bytes or dtype_bytes
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(tc, "hidden_size", 4096))
     inter = int(getattr(tc, "intermediate_size", 4 * hidden) or 4 * hidden)
@@ -87,8 +93,9 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     parts = {
         "weights": ckpt_bytes if not streamed else max(embed, layer),
-        "activations": 2 * tokens * hidden * dtype_bytes,
-        "layer_forward": chunk_tokens * 4 * (10 * hidden + 3 * inter + 2 * heads * min(seqlen, chunk_tokens)),
+        "activations": 2 * tokens * hidden * act,
+        "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (10 * hidden + 3 * inter + 2 * heads * min(seqlen, chunk_tokens)
+                                                                  + moe_values_per_token(tc)),
     }
     if sparsegpt:
         cols = max(hidden, inter)

@@ -39,6 +39,7 @@ from draftkit.io import (
 )
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.memory import fits_comfortably
+from draftkit.oserrors import user_error
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
 from draftkit.report import write_error_report
@@ -252,8 +253,12 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
             entries[key].update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             atomic_write_json(out / MANIFEST, manifest)
+            machine = user_error(exc) if isinstance(exc, Exception) and not isinstance(exc, DraftkitError) else None
             write_error_report(out, {"recipe": recipe.name, "model": recipe.header.model, "output": str(out),
-                                     "failed_stage": step.dirname, "stages": results}, exc)
+                                     "failed_stage": step.dirname, "stages": results}, machine or exc)
+            if machine is not None:  # the user's machine (a full disk...): exit 2 in the report too
+                machine.args = (f"{step.dirname}: {machine}",)
+                raise machine from exc
             if isinstance(exc, DraftkitError):  # the same error (its type and attributes), its place in front
                 exc.args = (f"{step.dirname}: {exc}", *exc.args[1:])
             raise
@@ -289,6 +294,10 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
     from draftkit.compare import apply as compare_runs
 
     compare_runs(run_report, earlier, [step.config for step in recipe.steps])  # night over night, relative gates
+    if recipe.header.keep == "final":
+        from draftkit.reuse import keep_final
+
+        keep_final(run_report, out, {name for name, st in registry.items() if st.save is None})
     write_run_report(run_report, out)
     if gate_failures:
         err = GateFailedError("; ".join(gate_failures))

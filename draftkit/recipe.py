@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model
@@ -45,6 +45,8 @@ class RecipeHeader(BaseModel):
     description: str | None = Field(None, description="free text shown by `draftkit recipes list`")
     load: LoadConfig = Field(default_factory=LoadConfig,
                              description="execution options: how models are loaded and where they run")
+    keep: Literal["all", "final"] = Field("all", description="final: once the run ends, delete every stage's "
+                                          "model copy but the final draft's (exports and reports stay)")
     stages: list[Any] = Field(min_length=1, description="stage entries, each {stage_name: settings}")
 
 

@@ -31,6 +31,14 @@ HEAD = "name: t\nmodel: m\noutput: o\n"
 STAGES = "stages:\n  - prune: {layers: 2}\n"
 
 
+@pytest.fixture(autouse=True)
+def _console_as_it_was(monkeypatch):
+    """`--quiet` sets a module-wide flag: put it back after each test (later tests read the console)."""
+    import draftkit.console
+
+    monkeypatch.setattr(draftkit.console, "_quiet", draftkit.console._quiet)
+
+
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -145,6 +153,7 @@ def test_sigterm_is_handled_like_ctrl_c(tiny_llama, calib_file, tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone with it
     manifest = json.loads((out / "manifest.json").read_text())
     assert [manifest["stages"][i]["status"] for i in ("0", "1")] == ["done", "interrupted"]
+    assert manifest["stages"]["1"]["error"] == "Interrupted: SIGTERM"
     assert not (out / ".draftkit.lock").exists()
     assert not (out / "01-prune").exists() and not list(out.glob(".*.tmp-*"))
 
@@ -240,6 +249,16 @@ def test_rows_longer_than_max_length_are_cut_as_text_first(tiny_llama, tmp_path)
     said = [ln for ln in r.output.splitlines() if "cut to their first" in ln]
     assert len(said) == 1 and "1 text(s) longer than 64 tokens" in said[0] and f"{len(long):,} characters" in said[0], said
 
+
+
+def test_a_spec_prompt_longer_than_the_context_is_cut_as_text(tiny_llama, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hello world " * 100_000}) + "\n")  # 1.2 MB; the context is 256
+    r = invoke("spec", tiny_llama, "--target", tiny_llama, "--prompts", prompts, "--k", "2", "--max-new-tokens", "2",
+               "--json")
+    assert r.exit_code == 0, r.output
+    said = [ln for ln in r.output.splitlines() if "cut to their first" in ln]
+    assert len(said) == 1 and "longer than 256 tokens can hold" in said[0], r.output[-2000:]
 
 # ---- the user's machine: OSErrors are user errors with their fix ----------------------------------------
 
@@ -424,3 +443,17 @@ def test_draftkit_run_under_timeout_sigterm(tiny_llama, calib_file, tmp_path):
     assert again.returncode == 0, again.stderr
     assert [s["skipped"] for s in json.loads(again.stdout)["stages"]] == [True, False]
     assert _stage_status(out, 1) == "done" and not (out / ".draftkit.lock").exists()
+
+
+def test_a_full_disk_in_a_recipe_stage_is_exit_2_in_the_report_too(tiny_llama, calib_file, tmp_path, monkeypatch):
+    rec = write_recipe(tmp_path, tiny_llama, calib_file)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "00-prune"))
+
+    monkeypatch.setattr(draftkit.prune, "prune_model", full)
+    line = one_line(invoke("run", rec, "--quiet"))
+    assert line.startswith("error: 00-prune: ") and "no space left on the device" in line
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["error"]["exit_code"] == EXIT_INVALID_INPUT and report["error"]["type"] == "MachineError"
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["0"]["status"] == "failed"

@@ -231,6 +231,11 @@ def test_memory_estimate_parts_and_advice(tiny_llama, monkeypatch):
         memory.check_fits(resident, streamed=False, can_stream=True, device=cpu)
     assert math.isclose(memory.estimate_memory(config, streamed=True, **{**kw, "tokens": 16 * 128}).parts["activations"],
                         2 * streamed.parts["activations"])
+    # float32 weights computed in bf16: the activations (and one layer's forward) are counted in 2 bytes
+    f32 = memory.estimate_memory(config, streamed=True, **{**kw, "dtype_bytes": 4})
+    bf16 = memory.estimate_memory(config, streamed=True, **{**kw, "dtype_bytes": 4, "act_bytes": 2})
+    assert bf16.parts["weights"] == f32.parts["weights"] and 2 * bf16.parts["activations"] == f32.parts["activations"]
+    assert 2 * bf16.parts["layer_forward"] == f32.parts["layer_forward"]
 
 
 def test_streamed_output_with_nan_is_not_saved(tiny_llama, tmp_path):

@@ -56,4 +56,7 @@ def store(ref: ModelRef, model, tokenizer) -> ModelRef:
         pass
     except OSError as exc:
         console.warn(f"could not cache the converted GGUF in {folder}: {exc}")
+    from draftkit.cachelimit import enforce_limit
+
+    enforce_limit()  # DRAFTKIT_CACHE_LIMIT
     return lookup(ref)

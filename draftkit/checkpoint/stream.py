@@ -20,6 +20,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from draftkit.checkpoint.complete import check_complete
 from draftkit.checkpoint.files import SAFE_INDEX, SAFE_WEIGHTS, LazyCheckpoint
 from draftkit.errors import ModelLoadError, NonFiniteError
 
@@ -52,21 +53,24 @@ def parameter_keys(model: nn.Module, ckpt: LazyCheckpoint) -> dict[str, str]:
     key the checkpoint holds.
 
     Raises:
-        ModelLoadError: a parameter is absent from the checkpoint, or its shape disagrees with the config.
+        ModelLoadError: a parameter is absent from the checkpoint, a stored tensor is used by no parameter
+            or buffer (:func:`~draftkit.checkpoint.complete.check_complete`), or a shape disagrees with the config.
     """
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     keys: dict[str, str] = {}
+    missing: list[str] = []
     for names in aliases.values():
         present = [n for n in names if n in ckpt.file_of]
         if not present:
-            raise ModelLoadError(
-                f"{ckpt.path}: the checkpoint has no tensor {names[0]}: it does not match its config.json "
-                "(or uses another naming; pass --stream off to load it whole)"
-            )
+            missing.append(names[0])
+            continue
         for n in names:
             keys[n] = present[0]
+    taken = set(keys) | {n for n, _ in model.named_buffers()}
+    check_complete(str(ckpt.path), missing=missing, unused=[k for k in ckpt.keys() if k not in taken],
+                   model=model, config=getattr(model, "config", None))
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, key in keys.items():
         want = tuple(params[name].shape)

@@ -29,6 +29,11 @@ def _render(r: dict) -> None:
     t.add_row("parameters", f"{r['parameters']:,}")
     t.add_row("linear sparsity", f"{r['linear_sparsity']:.1%}")
     t.add_row("per-layer sparsity", " ".join(f"{s:.0%}" for s in r["layer_sparsity"]))
+    if r.get("experts"):
+        e = r["experts"]
+        t.add_row("experts per layer", f"{' '.join(map(str, e['experts_per_layer']))} (top-{e['top_k']} per token"
+                  + (", plus shared experts)" if e["shared_experts"] else ")"))
+        t.add_row("active parameters per token", f"{e['active_parameters_per_token']:,}")
     prov = r.get("provenance")
     if prov:
         chain = []

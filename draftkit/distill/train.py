@@ -48,8 +48,9 @@ from draftkit.distill.prepare import (
 )
 from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
+from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
-from draftkit.sparsify.masks import extract_masks
+from draftkit.sparsify.masks import extract_masks, masked_weight
 from draftkit.textcap import TextCap
 
 __all__ = ["IGNORE", "MASK_MIN_SPARSITY", "TrainingDivergedError", "collate", "response_loss", "tokenize_example",
@@ -344,8 +345,8 @@ def _token_share(batch: dict[str, torch.Tensor], accelerator) -> torch.Tensor:
 
 def _changed_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Positions that were zero before training (``~mask``, taken from the weights then) and are not now."""
-    modules = dict(model.named_modules())
-    return sum(int(((modules[n].weight != 0) & ~m.to(modules[n].weight.device)).sum()) for n, m in masks.items())
+    weights = {n: masked_weight(model, n) for n in masks}
+    return sum(int(((weights[n] != 0) & ~m.to(weights[n].device)).sum()) for n, m in masks.items())
 
 
 def _save_checkpoint(root: Path, epoch: int, step: int, history, keys: dict[str, str], accelerator) -> None:
@@ -370,7 +371,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
     for d in root.glob("epoch-*"):
         try:
             info = json.loads((d / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, RecursionError):
             continue
         found.append((info["epoch"], d, info))
     if not found:
@@ -381,6 +382,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
                if info["student"] != student else "other settings or data")
         console.warn(f"ignoring checkpoint {path}: it was made from {why}; training starts afresh")
         return 0, 0, []
-    accelerator.load_state(str(path))
+    with reading(path, "training checkpoint", f"delete {path} to train afresh (or rerun with --overwrite)"):
+        accelerator.load_state(str(path))
     console.info(f"resuming training from {path} (epoch {epoch}, step {info['step']})")
     return epoch, info["step"], info.get("history", [])

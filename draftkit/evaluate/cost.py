@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from draftkit.moe.stats import expert_macs_per_token
+
 
 def macs_per_token(model: nn.Module, context: int, *, nonzero: bool = False) -> int:
     """Multiply-accumulates of one token's forward: every linear (lm_head included) plus attention
@@ -23,6 +25,7 @@ def macs_per_token(model: nn.Module, context: int, *, nonzero: bool = False) -> 
         linear = sum(int(torch.count_nonzero(m.weight)) for m in linears)
     else:
         linear = sum(m.in_features * m.out_features for m in linears)
+    linear += expert_macs_per_token(model, nonzero=nonzero)  # MoE: top_k routed experts per token, and routers
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(cfg, "num_attention_heads", 0) or 0
     head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from torch import nn
 
 from draftkit import console
+from draftkit.data import model_max_length
 from draftkit.errors import DataError, InvalidInputError
 from draftkit.evaluate.acceptance import acceptance_stats
 from draftkit.evaluate.cost import expected_speedup, macs_per_token
@@ -34,6 +35,7 @@ from draftkit.evaluate.dynamic import TapOut
 from draftkit.evaluate.engines import check_vllm, describe_device, run_hf, run_vllm
 from draftkit.evaluate.payoff import compare, cost_model, dynamic_summary
 from draftkit.evaluate.proposers import SameVocabProposer, TextProposer, Timer, encode_prompt
+from draftkit.textcap import TextCap
 
 _Timer = Timer  # the name before the split
 
@@ -209,6 +211,9 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
             "target's tokenizer, or --temperature 0 (greedy) with --mode text"
         )
     prompts = read_prompts(cfg.prompts, target_tok, chat=cfg.chat, limit=cfg.limit, split=cfg.split, column=cfg.column)
+    cap = TextCap(target_tok, model_max_length(target) or 131072, str(cfg.prompts))  # beyond the context: cut as text
+    prompts = [cap(p) for p in prompts]
+    cap.report()
     if mode == "text":
         check_text_fallback(draft_tok, prompts)
     elif draft.get_output_embeddings().weight.shape[0] < target.get_output_embeddings().weight.shape[0]:

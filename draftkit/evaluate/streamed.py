@@ -47,7 +47,7 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
     from draftkit.checkpoint import load_tokenizer
     from draftkit.distill.loss import DEFAULT_CHUNK  # scored positions per output projection
     from draftkit.modeling import text_config
-    from draftkit.streamed import checkpoint_facts, choose_streaming, load_dtype_bytes
+    from draftkit.streamed import checkpoint_facts, choose_streaming, compute_bytes, load_dtype_bytes
 
     config, device, can_stream, size = checkpoint_facts(model_name, load)
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
@@ -63,7 +63,7 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
         # resident: one batch's activations at a time; streamed: every batch's, between two layers
         e = estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=total if streamed else widest,
                             seqlen=seqlen, chunk_tokens=widest, sparsegpt=False,
-                            dtype_bytes=load_dtype_bytes(load, config))
+                            dtype_bytes=load_dtype_bytes(load, config), act_bytes=compute_bytes())
         e.parts["logits"] = logits
         if e.device:
             e.device += logits

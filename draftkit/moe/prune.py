@@ -77,8 +77,11 @@ class ExpertPruning:
         self.layers: dict[str, dict[str, Any]] = {}
         self.ran = False
 
-    def before_layer(self, i: int, layer: nn.Module, run_all: Callable[[], object]) -> None:
-        """Score the experts of layer ``i`` on every calibration batch (``run_all``), then remove the lowest."""
+    def before_layer(self, i: int, layer: nn.Module, run_all: Callable[[], object], masters=None) -> None:
+        """Score the experts of layer ``i`` on every calibration batch (``run_all``), then remove the lowest.
+
+        ``masters`` (:class:`draftkit.compute.Masters`) holds the stored-dtype weights while the layer runs in
+        the compute dtype: the experts are removed from those (exact), and the layer is cast again."""
         self.ran = True
         blocks = find_moe_blocks(layer, text_config(self.model))
         if not blocks:
@@ -94,6 +97,8 @@ class ExpertPruning:
 
         with instrument(blocks, [observe]):
             run_all()
+        if masters is not None:
+            masters.restore(layer)
         for b in blocks:
             st = stats[id(b.module)]
             S = saliency(st, self.method)
@@ -104,6 +109,8 @@ class ExpertPruning:
                 "saliency": [round(float(s), 6) for s in S],
                 "tokens": [int(c) for c in st.count],
             }
+        if masters is not None:
+            masters.cast(layer)
 
     def finish(self, dropped_layers: list[int]) -> dict[str, Any]:
         """Write the new expert count into the config; the report (kept experts and saliency per layer)."""

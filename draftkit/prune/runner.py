@@ -30,7 +30,8 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
     layer runs over all batches before the next: with a streamed ``source`` only one layer is in memory.
 
     Returns:
-        ``before_layer(i, layer, run_all)`` (expert pruning) may edit each layer before its outputs are computed.
+        ``before_layer(i, layer, run_all, masters)`` (expert pruning) may edit each layer before its outputs
+        are computed (its stored-dtype weights: ``masters``).
 
         ``(last_token_states, block_influence)``: ``[samples, L + 1, hidden]`` float32 hidden states of the
         last token entering each layer plus the one leaving the last layer (before the final norm, which
@@ -55,7 +56,8 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
     for i in track(range(n), "scoring blocks"):
         layer = source.load(i)
         if before_layer is not None:
-            before_layer(i, layer, lambda: [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))])  # noqa: B023
+            before_layer(i, layer, lambda: [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))],  # noqa: B023
+                         source.masters)
         for c in range(len(hidden)):
             x_out = run_layer(layer, hidden[c], inputs.args[i][c])
             x_in = hidden[c].to(x_out.device)  # activations may wait on the CPU while layers run on the GPU
