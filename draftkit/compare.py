@@ -39,10 +39,25 @@ def load_previous(sources: list[str]) -> list[dict[str, Any]]:
             data = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
             raise InvalidInputError(f"--compare {source}: {file} is not readable JSON ({exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
-            raise InvalidInputError(f"--compare {source}: {file} is not a draftkit run report (no stages)")
+        if isinstance(data, dict) and "stages" not in data:  # a failed night's error object: nothing to compare
+            from draftkit.console import warn
+
+            warn(f"--compare {source}: {file} has no stages (a failed run's report?); skipped")
+            continue
+        if not _is_report(data):
+            raise InvalidInputError(f"--compare {source}: {file} is not a draftkit run report (stages must be a "
+                                    "list of objects, output a string); pass an earlier run's report.json")
         runs.append({**data, "_source": str(file)})
     return runs
+
+
+def _is_report(data: Any) -> bool:
+    """The shape :func:`compare` and :func:`relative_gates` read: stages of objects whose report is an object."""
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        return False
+    if not isinstance(data.get("output") or "", str):
+        return False
+    return all(isinstance(s, dict) and isinstance(s.get("report") or {}, dict) for s in data["stages"])
 
 
 def _lower_is_better(metric: str) -> bool:

@@ -122,3 +122,20 @@ def test_compare_is_pure_on_reports_and_bad_paths_fail_before_running(tmp_path):
         load_previous([str(tmp_path / "no-such-run")])
     res = runner.invoke(app, ["run", "demo", "--compare", str(tmp_path / "no-such-run"), "--json"])
     assert res.exit_code == 2 and json.loads(res.stdout)["error"]["exit_code"] == 2
+
+
+def test_a_failed_nights_error_object_is_skipped_and_a_malformed_report_is_exit_2(tmp_path, capsys):
+    good = {"stages": [{"stage": "spec", "report": {"mal": 2.0}}], "output": "runs/night-1"}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    # what `draftkit run --json` prints when a night fails: the next night must still compare with the good one
+    (tmp_path / "failed.json").write_text(json.dumps({"error": {"message": "boom", "exit_code": 1}}))
+    runs = load_previous([str(tmp_path / "good.json"), str(tmp_path / "failed.json")])
+    assert [r["_source"] for r in runs] == [str(tmp_path / "good.json")]
+    assert "failed.json has no stages" in capsys.readouterr().err
+    for i, bad in enumerate(({"stages": [1]}, {"stages": [], "output": 5}, {"stages": {}},
+                             {"stages": [{"stage": "eval", "report": [1]}]}, [1])):
+        (tmp_path / f"bad{i}.json").write_text(json.dumps(bad))
+        with pytest.raises(InvalidInputError, match="not a draftkit run report"):
+            load_previous([str(tmp_path / f"bad{i}.json")])
+    res = runner.invoke(app, ["run", "demo", "--compare", str(tmp_path / "bad0.json"), "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"]["exit_code"] == 2
