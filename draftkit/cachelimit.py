@@ -14,12 +14,28 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_limit(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text or "")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text or "")
     if not m or m.group(2).upper() not in _UNITS:
         from draftkit.errors import InvalidInputError
 
         raise InvalidInputError(f"DRAFTKIT_CACHE_LIMIT={text!r}: write a size such as 50GB or 500MB")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def touch(entry: Path) -> None:
+    """Mark a cache entry used now (its mtime): every cache hit calls this, so the limit evicts least recently
+    used entries, not oldest written. A read-only cache is left as it is."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def env_limit() -> int | None:
+    """``DRAFTKIT_CACHE_LIMIT`` in bytes (None when unset); a bad value is an InvalidInputError (exit 2). Every
+    command checks it before it runs, so a typo fails at once rather than after the first cache write."""
+    text = os.environ.get("DRAFTKIT_CACHE_LIMIT")
+    return parse_limit(text) if text else None
 
 
 def _size(p: Path) -> int:
@@ -34,10 +50,9 @@ def enforce_limit(limit: int | None = None, root: Path | None = None) -> list[Pa
     from draftkit.io import cache_root
 
     if limit is None:
-        text = os.environ.get("DRAFTKIT_CACHE_LIMIT")
-        if not text:
+        limit = env_limit()
+        if limit is None:
             return []
-        limit = parse_limit(text)
     root = root or cache_root()
     entries = [e for kind in ENTRY_KINDS if (root / kind).is_dir() for e in (root / kind).iterdir()
                if not e.name.startswith(".")]

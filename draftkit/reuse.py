@@ -46,6 +46,7 @@ def restore_rows(cfg, data_dir: Path) -> Path | None:
     """The cache entry of ``cfg``'s rows (None when reuse is off); its rows are copied into an empty
     ``data_dir`` so that regeneration resumes from them."""
     from draftkit import console
+    from draftkit.cachelimit import touch
     from draftkit.distill.regenerate import REPORT_FILE, ROWS_FILE
     from draftkit.io import cache_root
 
@@ -57,7 +58,7 @@ def restore_rows(cfg, data_dir: Path) -> Path | None:
         for name in (ROWS_FILE, REPORT_FILE):
             if (entry / name).is_file():
                 shutil.copyfile(entry / name, data_dir / name)
-        os.utime(entry)  # recently used: the size limit evicts it last
+        touch(entry)  # recently used: the size limit evicts it last
         console.info(f"[dim]regenerated rows reused from {entry} (same teacher, data and settings)[/dim]")
     return entry
 

@@ -77,3 +77,36 @@ def test_keep_final_keeps_the_final_draft_and_the_reports(tiny_llama, tmp_path):
     assert report["removed"] == [str(out / "00-prune")] and report["final_model"] == str(out / "01-prune")
     assert json.loads((out / "report.json").read_text())["kept"] == "final"
     assert {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")} <= {"01-prune", "02-spec", "plots"}
+
+
+def test_a_bad_cache_limit_is_one_line_exit_2_before_anything_runs(tmp_path, monkeypatch):
+    for bad in ("1.2.3GB", ".", "5 parsecs"):
+        with pytest.raises(InvalidInputError, match="DRAFTKIT_CACHE_LIMIT"):
+            parse_limit(bad)
+        monkeypatch.setenv("DRAFTKIT_CACHE_LIMIT", bad)
+        res = runner.invoke(app, ["recipes", "list"])  # any command, before it does anything
+        assert res.exit_code == 2 and "DRAFTKIT_CACHE_LIMIT" in res.output and "Traceback" not in res.output
+    assert parse_limit(".5KB") == 500 and parse_limit("2.") == 2
+
+
+def test_every_cache_hit_marks_its_entry_recently_used(tiny_llama, tmp_path, monkeypatch):
+    from draftkit.checkpoint import gguf_cache
+    from draftkit.evaluate import EvalConfig, _cache_file, baseline_results
+    from draftkit.refs import ModelRef
+
+    monkeypatch.setenv("DRAFTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    folder = gguf_cache.cache_folder(gguf)
+    folder.mkdir(parents=True)
+    (folder / gguf_cache.DONE).write_text("x")
+    (tmp_path / "p.txt").write_text("a few words\n")
+    cfg = EvalConfig(baseline=str(tiny_llama), tasks=["perplexity"], ppl=str(tmp_path / "p.txt"))
+    file = _cache_file(cfg, "auto")
+    file.parent.mkdir(parents=True)
+    file.write_text(json.dumps({"results": {"perplexity": {"perplexity": 3.0}}}))
+    for entry in (folder, file):
+        os.utime(entry, (1000, 1000))  # written long ago
+    assert gguf_cache.lookup(ModelRef("m", str(gguf), "gguf")).location == str(folder)
+    assert baseline_results(cfg) == ({"perplexity": {"perplexity": 3.0}}, True)
+    assert folder.stat().st_mtime > 1000 and file.stat().st_mtime > 1000  # so the size limit evicts them last

@@ -34,7 +34,12 @@ def lookup(ref: ModelRef) -> ModelRef:
     if ref.kind != "gguf" or not enabled():
         return ref
     folder = cache_folder(ref.location)
-    return ModelRef(ref.name, str(folder), "dir") if (folder / DONE).is_file() else ref
+    if not (folder / DONE).is_file():
+        return ref
+    from draftkit.cachelimit import touch
+
+    touch(folder)  # recently used: DRAFTKIT_CACHE_LIMIT evicts it last
+    return ModelRef(ref.name, str(folder), "dir")
 
 
 def store(ref: ModelRef, model, tokenizer) -> ModelRef:

@@ -126,6 +126,9 @@ def handle_errors(fn):
         _json_printed = False
         try:
             with stops_as_interrupts():
+                from draftkit.cachelimit import env_limit
+
+                env_limit()  # a bad DRAFTKIT_CACHE_LIMIT fails before anything runs (exit 2)
                 return fn(*args, **kwargs)
         except typer.Exit:
             raise

@@ -173,7 +173,11 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
     file = _cache_file(cfg, load_dtype)
     if cfg.cache and file.is_file():
         try:
-            return json.loads(file.read_text())["results"], True
+            results = json.loads(file.read_text())["results"]
+            from draftkit.cachelimit import touch
+
+            touch(file)  # recently used: DRAFTKIT_CACHE_LIMIT evicts it last
+            return results, True
         except (OSError, json.JSONDecodeError, KeyError):
             pass
     console.info(f"evaluating the baseline {cfg.baseline}")
