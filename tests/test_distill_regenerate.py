@@ -194,3 +194,20 @@ def test_stale_rows_are_never_reused(tiny_llama, sft_file, tmp_path, capsys):
     with pytest.raises(InvalidInputError, match="its weights changed"):
         regenerate(longer, out)
     assert regenerate(longer, out, restart_stale=True)["generated_now"] == 12
+
+
+def test_rows_made_in_another_teacher_dtype_are_stale_and_keyed_apart(tiny_llama, sft_file, tmp_path):
+    from draftkit.compute import computing, resolve_compute
+    from draftkit.reuse import rows_key
+
+    cfg = DistillConfig(dataset=str(sft_file), teacher=str(tiny_llama), max_new_tokens=4, batch_size=12)
+    out = tmp_path / "regen"
+    regenerate(cfg, out, dtype="float32")
+    assert regenerate(cfg, out, dtype="float32")["generated_now"] == 0
+    with pytest.raises(InvalidInputError, match="other generation settings"):
+        regenerate(cfg, out, dtype="bfloat16")  # a bf16 teacher answers differently: not the same rows
+    # the cache key follows the dtype distill loads the teacher in: teacher_dtype, else the compute dtype
+    bf16 = cfg.model_copy(update={"teacher_dtype": "bfloat16"})
+    assert rows_key(bf16) != rows_key(cfg)
+    with computing(resolve_compute("bfloat16", "cpu")):  # compute auto on an AMX CPU resolves to this
+        assert rows_key(cfg) == rows_key(bf16)

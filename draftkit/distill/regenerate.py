@@ -71,7 +71,7 @@ def regenerate(cfg: DistillConfig, out_dir: str | os.PathLike, *, device: str | 
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     path = out_dir / ROWS_FILE
     t_hash = template_hash(cfg.template)
-    source = rows_source(cfg)
+    source = rows_source(cfg, dtype)
     done = read_done_rows(path) + [r for part in sorted(out_dir.glob(PART_GLOB)) for r in read_done_rows(part)]
     stale = _stale(done[0], cfg, t_hash, source) if done else None
     if world > 1:
@@ -183,12 +183,15 @@ def _check_acceptance(report: dict, cfg: DistillConfig, path: Path) -> None:
     console.warn(msg)
 
 
-def rows_source(cfg: DistillConfig) -> dict[str, Any]:
-    """What the rows depend on besides the data and template: the teacher's content and the generation settings."""
+def rows_source(cfg: DistillConfig, dtype: str | None = None) -> dict[str, Any]:
+    """What the rows depend on besides the data and template: the teacher's content and the generation settings,
+    the dtype the teacher runs in among them (``dtype``; by default the one distill loads it in)."""
+    from draftkit.compute import load_dtype
     from draftkit.fingerprint import model_identity
 
     gen: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                           "accept_filter": cfg.accept_filter}
+                           "accept_filter": cfg.accept_filter,
+                           "dtype": dtype or cfg.teacher_dtype or load_dtype() or "auto"}
     if cfg.temperature > 0:
         gen |= {"top_p": cfg.top_p, "seed": cfg.seed}
     return {"teacher_identity": model_identity(str(cfg.teacher)), "generation": gen}
@@ -233,7 +236,7 @@ def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, keys: di
         engine = HFEngine(model, tok, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     path.parent.mkdir(parents=True, exist_ok=True)  # only once the teacher has loaded
-    keys = {**keys, **rows_source(cfg)}  # a hub teacher downloaded just now: its snapshot's commit is known only now
+    keys = {**keys, **rows_source(cfg, dtype)}  # a hub teacher downloaded just now: its snapshot's commit is known only now
     buffer: list[dict[str, Any]] = []
     last_flush = time.perf_counter()
     t0 = time.perf_counter()
