@@ -1,6 +1,8 @@
 """Training: response-only labels and loss, loss goes down, sparsity masks held exactly (full and LoRA),
 epoch checkpoints resume."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,3 +158,17 @@ def test_checkpoint_of_another_student_is_not_resumed(tiny_llama, sft_file, tmp_
     fresh, _ = train_model(fresh_b, tok, examples, cfg.model_copy(update={"checkpoints": False}))
     for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), n
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"epoch": "1", "step": 3}', '{"step": 3}', "null"])
+def test_a_corrupt_trainer_json_is_an_unreadable_checkpoint(content, tmp_path, capsys):
+    """A trainer.json that is JSON but not the object training writes is skipped like unreadable JSON: training
+    starts afresh (no KeyError or TypeError, exit 1), and a good checkpoint beside it is still found."""
+    (tmp_path / "epoch-2").mkdir()
+    (tmp_path / "epoch-2" / "trainer.json").write_text(content)
+    assert train_mod._resume(tmp_path, "fp", "student", accelerator=None) == (0, 0, [])
+    (tmp_path / "epoch-1").mkdir()
+    (tmp_path / "epoch-1" / "trainer.json").write_text(json.dumps({"epoch": 1, "step": 3, "fingerprint": "old"}))
+    assert train_mod._resume(tmp_path, "fp", "student", accelerator=None) == (0, 0, [])
+    err = capsys.readouterr().err
+    assert "ignoring checkpoint" in err and "epoch-1" in err  # the good one was read (and found another's)

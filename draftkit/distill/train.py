@@ -373,6 +373,8 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
             info = json.loads((d / "trainer.json").read_text())
         except (OSError, json.JSONDecodeError, RecursionError):
             continue
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), int) for k in ("epoch", "step")):
+            continue  # not a trainer.json this code wrote: unreadable, like bad JSON
         found.append((info["epoch"], d, info))
     if not found:
         return 0, 0, []
