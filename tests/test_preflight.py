@@ -76,6 +76,15 @@ def hub_cache(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def startup_seconds() -> float:
+    """Seconds a process that imports what ``recipes validate`` imports takes on this machine now."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import draftkit.cli, draftkit.preflight, transformers, datasets, torch"],
+                   check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    return time.perf_counter() - t0
+
+
 def _validate(name: str, cache: Path, cwd: Path, *extra: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "DRAFTKIT_NO_PROGRESS": "1"}
@@ -106,11 +115,17 @@ SHIPPED = ["demo", "llama-3.1-8b-prune6-sdd", "sd2-llama-3.2-1b-sparse", "sd2-sm
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_recipes_pass_preflight_with_stand_ins(name, hub_cache, tmp_path):
+def test_shipped_recipes_pass_preflight_with_stand_ins(name, hub_cache, tmp_path, startup_seconds):
     r, seconds = _validate(name, hub_cache, tmp_path, "--portable", *_local_stand_ins(name, hub_cache, tmp_path))
     assert r.returncode == 0, r.stderr
     assert "valid" in r.stdout
-    assert seconds < 30
+    # "fails fast": offline, validation is the process's start-up (imports: 8-15 s on a loaded 2-core machine)
+    # plus a few seconds of reading configs and stand-in files (about 7 s there). A fixed bound on the total
+    # failed at 36 s under load with no retry at all, so the start-up, measured now, is taken off. What the
+    # bound must catch is a hub lookup that retries instead of failing fast: it waits 30-58 s of wall clock per
+    # dataset whatever the load, more than the 25 s left for validation's own work.
+    print(f"validate {name}: {seconds:.1f} s, start-up {startup_seconds:.1f} s")
+    assert seconds - startup_seconds < 25
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
