@@ -87,8 +87,11 @@ class Interrupted(KeyboardInterrupt):
     runs on Ctrl-C runs on both. ``exit_code`` is 128 + the signal number (130, 143)."""
 
     def __init__(self, signum: int):
-        import signal
-
+        super().__init__(signum)  # args stay (signum,): the exception pickles and unpickles as itself
         self.signum = signum
         self.exit_code = 128 + signum
-        super().__init__(signal.Signals(signum).name)
+
+    def __str__(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name

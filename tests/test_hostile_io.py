@@ -31,6 +31,14 @@ HEAD = "name: t\nmodel: m\noutput: o\n"
 STAGES = "stages:\n  - prune: {layers: 2}\n"
 
 
+@pytest.fixture(autouse=True)
+def _console_as_it_was(monkeypatch):
+    """`--quiet` sets a module-wide flag: put it back after each test (later tests read the console)."""
+    import draftkit.console
+
+    monkeypatch.setattr(draftkit.console, "_quiet", draftkit.console._quiet)
+
+
 def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -145,6 +153,7 @@ def test_sigterm_is_handled_like_ctrl_c(tiny_llama, calib_file, tmp_path, monkey
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone with it
     manifest = json.loads((out / "manifest.json").read_text())
     assert [manifest["stages"][i]["status"] for i in ("0", "1")] == ["done", "interrupted"]
+    assert manifest["stages"]["1"]["error"] == "Interrupted: SIGTERM"
     assert not (out / ".draftkit.lock").exists()
     assert not (out / "01-prune").exists() and not list(out.glob(".*.tmp-*"))
 

@@ -205,3 +205,21 @@ def test_grouped_routing_stays_valid(tiny_tokenizer_dir, calib_file, tmp_path):
         assert tuple(b.router.weight.shape) == (4, 64) and b.experts.gate_up_proj.shape[0] == 4
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=torch.tensor([[1, 5, 9, 13]])).logits).all()
+
+
+def test_recipe_prunes_experts_then_sparsifies(tiny_moe_models, calib_file, tmp_path):
+    """A recipe with prune (experts and a block) then sparsify, through ``draftkit run`` (preflight included)."""
+    recipe = tmp_path / "moe.yaml"
+    recipe.write_text(
+        f"name: moe\nmodel: {tiny_moe_models['olmoe']}\noutput: {tmp_path / 'run'}\nstages:\n"
+        f"  - prune: {{layers: 1, experts: 0.25, expert_method: ean, calib: {{path: {calib_file}, samples: 8, seqlen: 48}}}}\n"
+        f"  - sparsify: {{sparsity: 0.5, method: wanda, calib: {{path: {calib_file}, samples: 8, seqlen: 48}}}}\n"
+    )
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "report.json").is_file()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "01-sparsify")
+    assert final.config.num_experts == 6 and final.config.num_hidden_layers == 3
+    for (b,) in moe_blocks(final).values():
+        w = b.experts.gate_up_proj
+        assert w.shape[0] == 6 and int((w == 0).sum()) == w.numel() // 2
