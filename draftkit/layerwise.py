@@ -26,6 +26,7 @@ from draftkit.checkpoint.stream import (
     load_module,
     parameter_keys,
 )
+from draftkit.memory import release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 
 
@@ -59,7 +60,7 @@ class ResidentLayers:
         return self.layers[i]
 
     def done(self, i: int) -> None:
-        pass
+        release_freed_memory()  # the previous layer's activations: see StreamedLayers.done
 
     def load_head(self) -> tuple[nn.Module, nn.Module]:
         return final_norm(self.model), self.model.get_output_embeddings()
@@ -131,6 +132,10 @@ class StreamedLayers:
             tensors: dict[str, Any] = {**params, **self.ckpt.read(extra)}
             self.writer.write({self._renamed(k): t for k, t in tensors.items()})
         free_module(layer)
+        # glibc keeps the freed pages of the previous layer's activations (and weights) in its heap, in holes
+        # the next layer's differently sized tensors do not fill: without this RSS grows by about one layer's
+        # activations per layer
+        release_freed_memory()
 
     def _renamed(self, key: str) -> str:
         m = layer_key_pattern(self.prefix).match(key)

@@ -4,9 +4,10 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
 
 * weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
   to embed the calibration tokens) and one decoder layer;
-* calibration activations: the hidden states entering and leaving the current layer, for every token;
+* calibration activations: the hidden states entering and leaving the current layer, for every token
+  (:data:`ACTIVATION_COPIES`);
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
-  token, plus the eager attention scores (heads × sequence length per token);
+  token, plus, with ``eager`` attention only, the attention scores (heads × sequence length per token);
 * SparseGPT: the largest Hessian and its one work buffer ([columns, columns] float32 each), plus a
   float32 copy of the widest group of weights pruned together;
 * the Python process itself (torch and transformers imported): about 0.45 GB.
@@ -24,6 +25,9 @@ import torch
 from draftkit.errors import InvalidInputError
 
 PROCESS_BYTES = int(0.45 * 2**30)
+# the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
+# the layer before back to the OS, :func:`release_freed_memory`, so no third copy builds up)
+ACTIVATION_COPIES = 2
 GB = 1e9
 
 
@@ -85,8 +89,9 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     parts = {
         "weights": ckpt_bytes if not streamed else max(embed, layer),
-        "activations": 2 * tokens * hidden * dtype_bytes,
-        "layer_forward": chunk_tokens * 4 * (10 * hidden + 3 * inter + 2 * heads * min(seqlen, chunk_tokens)),
+        "activations": ACTIVATION_COPIES * tokens * hidden * dtype_bytes,
+        "layer_forward": chunk_tokens * 4 * (10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens)
+                                                                        if _eager_attention(tc) else 0)),
     }
     if sparsegpt:
         cols = max(hidden, inter)
@@ -99,6 +104,12 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
         host = PROCESS_BYTES + (0 if on_device else parts["activations"]) + (layer if streamed else 0)
         return MemoryEstimate(host, dev, parts, "cuda" if on_device else "cpu")
     return MemoryEstimate(PROCESS_BYTES + compute + parts["activations"], 0, parts, "cpu")
+
+
+def _eager_attention(tc) -> bool:
+    """Whether attention materializes its [heads, seq, seq] scores: transformers' ``eager`` implementation.
+    The default, ``sdpa`` (chosen when the config names none), computes them block by block."""
+    return getattr(tc, "_attn_implementation", None) == "eager"
 
 
 def check_fits(est: MemoryEstimate, *, streamed: bool, can_stream: bool, device: torch.device) -> None:

@@ -221,6 +221,10 @@ def run_stage_on(
             stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
             arguments=arguments,
         )
+    if estimate is not None:
+        from draftkit.streamed import estimate_facts
+
+        report.setdefault("memory_estimate_gb", estimate_facts(estimate))
     report["total_seconds"] = round(time.perf_counter() - t0, 3)
     report["threads"] = threads
     return StageRun(model, tokenizer, report)
