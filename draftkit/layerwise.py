@@ -26,7 +26,7 @@ from draftkit.checkpoint.stream import (
     load_module,
     parameter_keys,
 )
-from draftkit.memory import release_freed_memory
+from draftkit.memory import planned_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 
 
@@ -43,12 +43,13 @@ class ResidentLayers:
     """The model's own layers, already on the compute device."""
 
     streamed = False
-    store: torch.device | None = None  # where activations wait between layers (None: where they are made)
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers = decoder_layers(model)
         self.device = next(model.parameters()).device
+        # where activations wait between layers: the estimate's choice, as for StreamedLayers (None: where made)
+        self.store: torch.device | None = planned_activation_store()
 
     def load_outside(self) -> None:
         pass

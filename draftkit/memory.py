@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +166,26 @@ def fits_comfortably(model) -> bool:
             device = t.device
     free = available_device_bytes(device) if device.type == "cuda" else available_host_bytes()
     return size <= STREAM_ABOVE_BYTES and size <= 0.25 * (free or 0)
+
+
+_planned_store: ContextVar[torch.device | None] = ContextVar("draftkit_activation_store", default=None)
+
+
+@contextmanager
+def activation_store(device: torch.device | None) -> Iterator[None]:
+    """Within this block, a resident layer-wise run (:class:`~draftkit.layerwise.ResidentLayers`) keeps its
+    activations on ``device``: the placement the memory estimate chose (:func:`activation_device`), as a
+    streamed run's ``source.store`` is set."""
+    token = _planned_store.set(device)
+    try:
+        yield
+    finally:
+        _planned_store.reset(token)
+
+
+def planned_activation_store() -> torch.device | None:
+    """The placement set by :func:`activation_store`; None outside one (activations stay where they are made)."""
+    return _planned_store.get()
 
 
 def gb(n: int) -> float:

@@ -182,7 +182,8 @@ def run_stage_on(
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
     with work_dir_lock(cfg, lock_what or stage.name):
-        from draftkit.memory import announce_before_heavy_work
+        from draftkit.checkpoint import resolve_device
+        from draftkit.memory import activation_device, activation_store, announce_before_heavy_work
 
         estimate, streamed = None, False
         if name in ("prune", "sparsify"):
@@ -215,12 +216,15 @@ def run_stage_on(
             model, tokenizer = load_model_and_tokenizer(
                 model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
             )
+        store = None
         if estimate is not None and not streamed:
             announce_before_heavy_work(estimate)
-        model, tokenizer, report = execute_stage(
-            stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
-            arguments=arguments,
-        )
+            store = activation_device(estimate, resolve_device(load.device))
+        with activation_store(store):  # resident activations placed by the estimate's decision, as streamed ones
+            model, tokenizer, report = execute_stage(
+                stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
+                arguments=arguments,
+            )
     if estimate is not None:
         from draftkit.streamed import estimate_facts
 

@@ -176,3 +176,15 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+    except Exception as exc:  # a CUDA out-of-memory error from any command: one line naming what to lower
+        from draftkit.errors import EXIT_INVALID_INPUT, out_of_memory_line
+
+        line = out_of_memory_line(exc, getattr(exc, "draftkit_command", None))
+        if line is None:
+            raise
+        if os.environ.get("DRAFTKIT_DEBUG") not in (None, "", "0"):
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(f"error: {line}\n")
+        sys.exit(EXIT_INVALID_INPUT)

@@ -16,7 +16,13 @@ from rich.markup import escape
 
 from draftkit import console
 from draftkit.cli._options import Fields
-from draftkit.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, DraftkitError, InvalidInputError
+from draftkit.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    DraftkitError,
+    InvalidInputError,
+    out_of_memory_line,
+)
 from draftkit.io import to_json
 
 # ---- what every stage command takes besides its config: one place, so all spell them the same ----
@@ -104,6 +110,9 @@ def handle_errors(fn):
             console.err.print("interrupted: completed outputs are kept; re-run to resume")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # noqa: BLE001
+            if out_of_memory_line(exc) is not None:  # told once, in main(), with the setting of this command to lower
+                exc.draftkit_command = fn.__module__.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
+                raise
             if debug:
                 traceback.print_exc()
             first = str(exc).splitlines()[0] if str(exc) else ""

@@ -43,6 +43,7 @@ from draftkit.distill.prepare import (
     enable_checkpointing,
     make_optimizer,
     merge_lora,
+    pin_accelerator_device,
     resolve_precision,
     set_precision,
     wrap_lora,
@@ -165,6 +166,7 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
 
     t0 = time.perf_counter()
     device = next(model.parameters()).device
+    pin_accelerator_device(device)
     accelerator = Accelerator(cpu=device.type == "cpu", gradient_accumulation_steps=cfg.grad_accum)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
