@@ -54,10 +54,35 @@ def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def layout_problem(shape: list[int], compressed_shape: list[int], bitmask_shape: list[int]) -> str | None:
+    """What is inconsistent in one compressed weight's stored shapes (None when nothing), checked before
+    anything is allocated: a ``shape`` that the bitmask cannot cover (a shape bomb) or more values than
+    the weight has room for."""
+    if len(shape) != 2 or any(d <= 0 for d in shape):
+        return f"its shape {shape} is not two positive sizes"
+    rows, cols = shape
+    if list(bitmask_shape) != [rows, math.ceil(cols / 8)]:
+        return f"its bitmask is {list(bitmask_shape)}, but a {rows}x{cols} weight needs [{rows}, {math.ceil(cols / 8)}]"
+    if len(compressed_shape) != 1 or compressed_shape[0] > rows * cols:
+        return f"it stores {list(compressed_shape)} values for a {rows}x{cols} weight"
+    return None
+
+
 def bitmask_decompress(compressed: torch.Tensor, bitmask: torch.Tensor, shape: list[int] | torch.Tensor) -> torch.Tensor:
-    """``{compressed, bitmask, shape}`` -> the dense weight (row offsets are implied by the mask)."""
+    """``{compressed, bitmask, shape}`` -> the dense weight (row offsets are implied by the mask).
+
+    Raises:
+        ValueError: the three disagree (:func:`layout_problem`, or the mask marks another number of
+            values than ``compressed`` holds).
+    """
     dims = [int(x) for x in (shape.tolist() if isinstance(shape, torch.Tensor) else shape)]
+    problem = layout_problem(dims, list(compressed.shape), list(bitmask.shape))
+    if problem:
+        raise ValueError(problem)
     mask = unpack_bitmasks(bitmask, dims)
+    marked = int(mask.sum())
+    if marked != compressed.numel():
+        raise ValueError(f"its bitmask marks {marked} non-zero values but {compressed.numel()} are stored")
     dense = torch.zeros(dims, dtype=compressed.dtype)
     dense[mask] = compressed
     return dense

@@ -33,7 +33,25 @@ HARMLESS_WARNINGS = (
     r".*`torch_dtype` is deprecated.*",
     r".*generation flags are not valid and may be ignored.*",
     r".*Setting `pad_token_id` to `eos_token_id`.*",
+    r".*`past_key_values` is deprecated.*",  # transformers 5.x renames the cache argument; every decode says so
+    r".*`is_gradient_checkpointing` is deprecated.*",  # transformers itself when training, and peft on a LoRA run
 )
+# Log records of other libraries that say nothing the user can act on: (logger, message start).
+HARMLESS_RECORDS = (
+    ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
+)
+
+
+class _DropHarmless:
+    """A logging filter: drops the records of :data:`HARMLESS_RECORDS` (kept however the library sets levels)."""
+
+    def filter(self, record) -> bool:
+        msg = str(record.msg)
+        return not any(record.name == name and msg.startswith(start) for name, start in HARMLESS_RECORDS)
+
+
+_drop_harmless = _DropHarmless()
 
 
 def set_quiet(quiet: bool) -> None:
@@ -59,6 +77,9 @@ def set_verbose(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=pattern)
     for logger in ("transformers", "datasets", "huggingface_hub", "accelerate"):
         logging.getLogger(logger).setLevel(logging.ERROR)
+    for name in dict.fromkeys(n for n, _ in HARMLESS_RECORDS):
+        if _drop_harmless not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_drop_harmless)
     if "transformers" in sys.modules:
         import transformers
 

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from draftkit.errors import DataError
+from draftkit.textcap import TextCap
 
 LOCAL_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet", ".csv"}
 
@@ -49,17 +50,44 @@ class CalibConfig(BaseModel):
 DEFAULT_CALIB = "Salesforce/wikitext:wikitext-2-raw-v1"
 
 
-def read_rows(source: str, *, split: str = "train") -> list[dict[str, Any]]:
-    """Read rows of a local file or a hub dataset into a list of dicts."""
+class Rows(list):
+    """The rows of one data source, remembering where each came from: ``file:line`` for JSON Lines, ``source row
+    N`` otherwise, so a bad row is named where the user can find it. Slices keep the places."""
+
+    def __init__(self, items: Any = (), source: str = "the data", lines: list[int] | None = None):
+        super().__init__(items)
+        self.source = source
+        self.lines = lines
+
+    def where(self, i: int) -> str:
+        if self.lines is not None and 0 <= i < len(self.lines):
+            return f"{self.source}:{self.lines[i]}"
+        return f"{self.source} row {i + 1}"
+
+    def __getitem__(self, key):  # type: ignore[override]
+        got = super().__getitem__(key)
+        if isinstance(key, slice):
+            return Rows(got, self.source, self.lines[key] if self.lines is not None else None)
+        return got
+
+
+def row_place(rows: list[Any], i: int) -> str:
+    """Where row ``i`` of ``rows`` came from (see :class:`Rows`)."""
+    return rows.where(i) if isinstance(rows, Rows) else f"row {i + 1}"
+
+
+def read_rows(source: str, *, split: str = "train") -> Rows:
+    """Read rows of a local file or a hub dataset into a list of dicts (a :class:`Rows`)."""
     path = Path(source).expanduser()
     if path.exists() or path.suffix.lower() in LOCAL_SUFFIXES:
         return _read_local(path)
     return _read_hub(source, split)
 
 
-def read_jsonl(path: Path, limit: int | None = None) -> list[Any]:
+def read_jsonl(path: Path, limit: int | None = None) -> Rows:
     """The rows of a JSON Lines file (only the first ``limit`` when given); a bad line is one error naming it."""
     rows: list[Any] = []
+    lines: list[int] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
@@ -67,9 +95,12 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[Any]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path}:{lineno}: nested too deeply to read") from None
+                lines.append(lineno)
             if limit is not None and len(rows) >= limit:
                 break
-    return rows
+    return Rows(rows, str(path), lines)
 
 
 def _read_local(path: Path) -> list[dict[str, Any]]:
@@ -107,24 +138,32 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"could not read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if not rows:
         raise DataError(f"{path} is empty: it has no rows")
-    if not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"{path}: every row must be a JSON object")
+    rows = rows if isinstance(rows, Rows) else Rows(rows, str(path))
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{rows.where(bad)}: every row must be a JSON object, this one is a {type(rows[bad]).__name__}")
     return rows
 
 
 def _read_hub(source: str, split: str) -> list[dict[str, Any]]:
     import datasets
 
+    from draftkit.hub import offline_if_unreachable, unreachable_hint
+
     name, _, config = source.partition(":")
+    offline = offline_if_unreachable()  # no network: the local cache or one line at once, not retries
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if offline:
+            raise DataError(f"hub dataset {source} (split {split}) is not in the local cache and {unreachable_hint()}: "
+                            "download it where there is network, or pass a local .jsonl/.txt file") from None
         raise DataError(
             f"could not load dataset {source!r} (split {split!r}) from the hub: {first[:200]}; "
             "pass a local .jsonl/.txt file instead when offline"
         ) from exc
-    rows = list(ds)
+    rows = Rows(ds, source)
     if not rows:
         raise DataError(f"dataset {source!r} split {split!r} is empty")
     return rows
@@ -172,23 +211,46 @@ def detect_columns(rows: list[dict[str, Any]], columns: dict[str, str] | None = 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 
 
-def normalise_messages(messages: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+CHAT_FIX = 'write each turn as {"role": "user", "content": "text"} (or ShareGPT\'s {"from": "human", "value": "text"})'
+
+
+def normalise_messages(messages: list[dict[str, Any]] | None, where: str = "a chat row") -> list[dict[str, str]]:
     """Chat turns in OpenAI form (``role``/``content``) or ShareGPT form (``from``/``value``) as
     ``[{"role", "content"}]``: ``human`` -> user, ``gpt``/``model`` -> assistant, ``system`` and ``tool``
     kept, a turn without a speaker is the user's; content is text. The one normaliser of chat rows
-    (calibration data, distillation rows, spec prompts)."""
+    (calibration data, distillation rows, spec prompts).
+
+    Raises:
+        DataError: (naming ``where``, e.g. ``data.jsonl:7``) the turns are not a list of objects, or a turn's
+            content is a list or an object (multimodal parts, a nested message): never trained on as its repr.
+    """
+    if messages is None:
+        return []
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: the messages are a {type(messages).__name__}, not a list of turns; {CHAT_FIX}")
     out = []
-    for m in messages or []:
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: turn {j} is a {type(m).__name__} ({_short(m)}), not an object with a role "
+                            f"and a content; {CHAT_FIX}")
         speaker = str(m.get("role") or m.get("from") or "user").strip().lower()
         content = m.get("content", m.get("value"))
+        if isinstance(content, (dict, list)):
+            raise DataError(f"{where}: turn {j}'s content is a {type(content).__name__} ({_short(content)}), not text "
+                            "(multimodal parts are not supported); give every turn's content as a string")
         out.append({"role": ROLE_ALIASES.get(speaker, speaker), "content": "" if content is None else str(content)})
     return out
 
 
-def row_messages(row: dict[str, Any], mapping: dict[str, Any]) -> list[dict[str, str]] | None:
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def row_messages(row: dict[str, Any], mapping: dict[str, Any], where: str = "a chat row") -> list[dict[str, str]] | None:
     """The row as chat messages (user prompt, assistant response), or None for plain-text rows."""
     if "messages" in mapping:
-        return normalise_messages(row[mapping["messages"]])
+        return normalise_messages(row[mapping["messages"]], where)
     if "prompt" in mapping:
         prompt = "\n\n".join(str(row[c]) for c in mapping["prompt"] if row.get(c))
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row[mapping["response"]])}]
@@ -205,11 +267,13 @@ def render_chat(tokenizer, messages: list[dict[str, str]], *, add_generation_pro
     return "\n\n".join(parts)
 
 
-def row_text(row: dict[str, Any], mapping: dict[str, Any], tokenizer) -> str:
-    msgs = row_messages(row, mapping)
+def row_text(row: dict[str, Any], mapping: dict[str, Any], tokenizer, where: str = "a row", cap=None) -> str:
+    """The row as one text (chat rows through the template); with ``cap`` (a TextCap), cut as text first."""
+    msgs = row_messages(row, mapping, where)
     if msgs is None:
-        return str(row[mapping["text"]])
-    return render_chat(tokenizer, msgs)
+        text = str(row[mapping["text"]])
+        return cap(text) if cap is not None else text
+    return render_chat(tokenizer, cap.messages(msgs) if cap is not None else msgs)
 
 
 def model_max_length(model) -> int | None:
@@ -242,8 +306,9 @@ def calibration_samples(tokenizer, cfg: CalibConfig, *, max_len: int | None = No
     stream: list[int] = []
     plain = "text" in mapping
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not plain else []
+    cap = TextCap(tokenizer, need, source)  # a row longer than all the windows together is cut as text
     for i in order:
-        text = row_text(rows[i], mapping, tokenizer).strip()
+        text = row_text(rows[i], mapping, tokenizer, row_place(rows, i), cap).strip()
         if not text:
             continue
         if plain:  # running text: special tokens only where the text starts, paragraphs kept apart by a blank line
@@ -253,6 +318,7 @@ def calibration_samples(tokenizer, cfg: CalibConfig, *, max_len: int | None = No
         stream.extend(ids + sep)
         if len(stream) >= need:
             break
+    cap.report()
     if len(stream) < 2:
         raise DataError(f"calibration data {source} yields no tokens")
     samples = [torch.tensor(stream[s : s + seqlen], dtype=torch.long) for s in range(0, len(stream), seqlen)]

@@ -24,16 +24,15 @@ from draftkit.bitmask import (
     QUANT_METHOD,
     SPARSE_FORMAT,
     compress_state_dict,
-    decompress_state_dict,
     theoretical_layout_bytes,
 )
 from draftkit.checkpoint import (
     SAFE_INDEX,
+    LazyCheckpoint,
     is_quantized_too,
     is_sparse_checkpoint,
     nbytes,
     parse_size,
-    read_stored_tensors,
     torch_dtype,
     weight_files,
     write_safetensors,
@@ -310,16 +309,19 @@ def decompress(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
     """Turn a ``sparse-bitmask`` checkpoint into dense safetensors; other files are copied, the
     sparsity part of ``quantization_config`` is removed. Nothing is loaded into a model."""
     from draftkit.io import atomic_dir, atomic_write_json, check_output_dir
+    from draftkit.model_files import check_folder
 
     src = Path(src)
     if not (src / "config.json").is_file():
         raise ModelLoadError(f"{src} is not a model directory (no config.json in it)")
+    check_folder(src)  # nothing it copies or reads may come from outside it
     if not is_sparse_checkpoint(src):
         raise InvalidInputError(f"{src} is not a sparse-bitmask checkpoint: it is dense already, nothing to decompress")
     if is_quantized_too(src):
         raise InvalidInputError(f"{src} is quantized as well as sparse: decompress it with compressed-tensors")
     out = check_output_dir(out, overwrite=overwrite, inputs=(str(src),))
-    tensors = decompress_state_dict(read_stored_tensors(src))
+    ckpt = LazyCheckpoint(src)  # the one checked reader: resolved files, consistent layouts
+    tensors = ckpt.read(ckpt.keys())
     stored = {f.name for f in weight_files(src)} | {SAFE_INDEX}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         files = write_safetensors(tensors, tmp, max_shard_size=max_shard_size)

@@ -25,6 +25,7 @@ REFERENCES: dict[str, tuple[tuple[str, str], ...]] = {
     "distill": (("teacher", "model"), ("dataset", "data")),
     "eval": (("baseline", "model"), ("ppl", "data"), ("arith_data", "data"), ("include_path", "data")),
     "spec": (("target", "model"), ("prompts", "data")),
+    "merge": (("base", "model"),),  # its models are its inputs (draftkit.branches.input_identity)
 }
 _CHUNK = 1 << 22
 
@@ -75,20 +76,50 @@ class _HashCache:
 _cache: _HashCache | None = None
 
 
-def content_hash(path: str | os.PathLike) -> str:
-    """sha256 over the names and bytes of a file or of every file in a folder (dot-files excluded)."""
+def _hash_cache() -> _HashCache:
     global _cache
     if _cache is None or _cache.path != _cache_path():
         _cache = _HashCache()
+    return _cache
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of one file's bytes, whatever its name (cached by size, mtime and inode like :func:`content_hash`)."""
+    cache = _hash_cache()
+    digest = cache.file_hash(Path(path))
+    cache.save()
+    return digest
+
+
+def content_hash(path: str | os.PathLike, *, model: bool = False) -> str:
+    """sha256 over the names and bytes of a file or of every file in a folder (dot-files excluded).
+
+    ``model``: the folder is a model folder, whose files are read only when they resolve inside it
+    (:mod:`draftkit.model_files`; a link out of one of its subfolders is skipped, never opened)."""
+    _hash_cache()
+    assert _cache is not None
     p = Path(path)
     h = hashlib.sha256()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
                                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if model and p.is_dir():
+        from draftkit.model_files import folder_root
+
+        root = folder_root(p)
+        files = [f for f in files if _resolves_inside(f, root)]
     for f in files:
         rel = f.name if f == p else str(f.relative_to(p))
         h.update(f"{rel}\0{_cache.file_hash(f)}\0".encode())
     _cache.save()
     return h.hexdigest()[:16]
+
+
+def _resolves_inside(f: Path, root: Path) -> bool:
+    try:
+        real = f.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return real == root or root in real.parents
 
 
 def _hub_commit(repo_id: str, repo_type: str) -> str | None:
@@ -111,7 +142,7 @@ def model_identity(name: str) -> str:
     except DraftkitError:
         return f"unresolved:{name}"
     if ref.local:
-        return f"{name}@{content_hash(ref.location)}"
+        return f"{name}@{content_hash(ref.location, model=True)}"
     return f"{name}=hub:{ref.location}@{_hub_commit(ref.location, 'model') or 'uncached'}"
 
 
@@ -150,7 +181,11 @@ def references(stage: str, config: dict[str, Any]) -> dict[str, str]:
 
 def stage_fingerprint(*, stage: str, config: dict[str, Any], load: dict[str, Any], input_id: str,
                       previous: str | None) -> tuple[str, dict[str, Any]]:
-    """``(fingerprint, parts)``: the hash resume compares, and what went into it (to say why a stage reruns)."""
+    """``(fingerprint, parts)``: the hash resume compares, and what went into it (to say why a stage reruns).
+    Gate thresholds are left out: they judge the output and do not change it (:mod:`draftkit.gates`)."""
+    from draftkit.gates import without_gates
+
+    config = without_gates(stage, config)
     parts = {
         "config": hashlib.sha256(json.dumps({"stage": stage, "config": config}, sort_keys=True).encode()).hexdigest()[:16],
         "load": hashlib.sha256(json.dumps(load, sort_keys=True).encode()).hexdigest()[:16],

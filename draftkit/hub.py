@@ -49,10 +49,40 @@ def _cached(repo_id: str) -> bool:
 
 def _go_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
     if "huggingface_hub" in sys.modules:
         import huggingface_hub.constants as constants
 
         constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:  # read at import: a loaded datasets would still retry the hub
+        import datasets.config as dconfig
+
+        dconfig.HF_HUB_OFFLINE = True
+        dconfig.HF_DATASETS_OFFLINE = True
+
+
+def offline_if_unreachable() -> bool:
+    """True when this process works offline: asked for (``HF_HUB_OFFLINE=1``), or the hub cannot be reached, in
+    which case offline mode is switched on, so that datasets and lm-eval read their local caches and fail at
+    once instead of retrying the hub for half a minute."""
+    if offline_requested():
+        return True
+    host, port = _endpoint()
+    if _reachable(host, port):
+        return False
+    global _switched
+    _switched = True
+    _go_offline()
+    return True
+
+
+_switched = False  # offline_if_unreachable found the hub unreachable (rather than HF_HUB_OFFLINE=1 asked)
+
+
+def unreachable_hint() -> str:
+    """Why the hub is not used, for an error line (no probe: the caller already knows it is offline)."""
+    host, port = _endpoint()
+    return f"the hub is offline ({f'{host}:{port} cannot be reached' if _switched else 'HF_HUB_OFFLINE=1'})"
 
 
 def check_hub(repo_id: str) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from draftkit.checkpoint import load_model
 from draftkit.modeling import count_parameters, decoder_layers, text_config
+from draftkit.moe.stats import expert_summary
 from draftkit.provenance import read_provenance
 from draftkit.refs import resolve_model_ref
 from draftkit.sparsify.masks import layer_sparsity, model_sparsity
@@ -28,6 +29,7 @@ def inspect_model(name: str, *, trust_remote_code: bool = False) -> dict[str, An
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "linear_sparsity": round(sp["overall"], 6),
         "layer_sparsity": [round(s, 6) for s in layer_sparsity(model)],
+        "experts": expert_summary(model),
         "provenance": read_provenance(ref.location) if ref.local and Path(ref.location).is_dir() else None,
     }
     return report

@@ -57,6 +57,18 @@ def _chmod_default(path: Path, *, directory: bool) -> None:
         pass
 
 
+def _umask_modes(root: Path) -> None:
+    """Every file and folder under ``root`` gets the umask's mode: libraries that write through a private
+    temporary file (safetensors' 0600) would otherwise leave outputs unreadable to the user's group."""
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            _chmod_default(p, directory=True)
+        elif p.is_file() and not p.stat().st_mode & 0o111:
+            _chmod_default(p, directory=False)
+
+
 def is_draftkit_output(path: str | os.PathLike) -> bool:
     """True when ``path`` is a folder draftkit wrote: a model/export with ``draftkit.json``, a run folder
     with its ``manifest.json``, a measuring stage's ``report.json`` with provenance, or the rows folder of
@@ -130,6 +142,9 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool, inputs: Iterabl
     out = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
     if raw.strip() == "":
         raise InvalidInputError("output is empty: name a new folder with -o")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InvalidInputError(f"output {raw} is under {parent}, a file, not a folder: choose another -o")
     resolved = out.resolve()
     why = _protected(resolved)
     if why is not None:
@@ -188,6 +203,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     _chmod_default(tmp, directory=True)
     try:
         yield tmp
+        _umask_modes(tmp)
         if out.exists() or out.is_symlink():
             if not overwrite:
                 raise OutputExistsError(f"output {out} appeared while writing: pass --overwrite to replace it")

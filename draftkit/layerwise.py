@@ -7,6 +7,9 @@
   layer plus the calibration activations, whatever the depth.
 
 Both give the drivers the same modules, so the streamed and resident results are the same computation.
+Both run each module in the compute dtype of the running stage (:mod:`draftkit.compute`): ``load`` casts a
+layer's weights and keeps its masters (``masters``), ``done`` puts the masters back before the layer is
+written or kept, so the output has the stored dtype and weights no stage edited are bit for bit the input's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from draftkit.checkpoint.stream import (
     load_module,
     parameter_keys,
 )
+from draftkit.compute import Masters, current_dtype
 from draftkit.memory import planned_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 
@@ -48,6 +52,7 @@ class ResidentLayers:
         self.model = model
         self.layers = decoder_layers(model)
         self.device = next(model.parameters()).device
+        self.masters = Masters(current_dtype())
         # where activations wait between layers: the estimate's choice, as for StreamedLayers (None: where made)
         self.store: torch.device | None = planned_activation_store()
 
@@ -58,16 +63,21 @@ class ResidentLayers:
         pass
 
     def load(self, i: int) -> nn.Module:
-        return self.layers[i]
+        return self.masters.cast(self.layers[i])
 
     def done(self, i: int) -> None:
+        self.masters.restore(self.layers[i])
         release_freed_memory()  # the previous layer's activations: see StreamedLayers.done
 
     def load_head(self) -> tuple[nn.Module, nn.Module]:
-        return final_norm(self.model), self.model.get_output_embeddings()
+        head = (final_norm(self.model), self.model.get_output_embeddings())
+        for m in head:
+            self.masters.cast(m)
+        return head
 
     def free_head(self) -> None:
-        pass
+        for m in (final_norm(self.model), self.model.get_output_embeddings()):
+            self.masters.restore(m)
 
 
 class StreamedLayers:
@@ -86,7 +96,7 @@ class StreamedLayers:
     def __init__(self, location: str | os.PathLike, config, *, device: torch.device, dtype: torch.dtype | None = None,
                  trust_remote_code: bool = False):
         self.ckpt = LazyCheckpoint(location, trust_remote_code=trust_remote_code)
-        self.model = empty_model(config, trust_remote_code=trust_remote_code)
+        self.model = empty_model(config, trust_remote_code=trust_remote_code, name=str(location))
         self.model.tie_weights()  # a tied head is the embeddings' Parameter, read under the embeddings' key
         self.layers = decoder_layers(self.model)  # unsupported architectures fail here, with their own message
         self.prefix = layer_list_prefix(self.model)
@@ -94,6 +104,7 @@ class StreamedLayers:
         self.keys = parameter_keys(self.model, self.ckpt)
         self.device = device
         self.dtype = dtype
+        self.masters = Masters(current_dtype())
         self.writer: ShardWriter | None = None
         self.rename: dict[int, int] = {}
         for module in self.model.modules():  # rotary frequencies and other real buffers
@@ -121,11 +132,12 @@ class StreamedLayers:
     def load(self, i: int) -> nn.Module:
         layer = self.layers[i]
         load_module(layer, f"{self.prefix}.{i}", self.keys, self.ckpt, device=self.device, dtype=self.dtype)
-        return layer
+        return self.masters.cast(layer)
 
     def done(self, i: int) -> None:
         """Write layer ``i`` to the output (when there is one) and free it."""
         layer = self.layers[i]
+        self.masters.restore(layer)
         if self.writer is not None and i in self.rename:
             pattern = layer_key_pattern(self.prefix)
             params = {f"{self.prefix}.{i}.{n}": p for n, p in layer.named_parameters()}
@@ -151,10 +163,12 @@ class StreamedLayers:
         names = {id(m): n for n, m in self.model.named_modules()}
         for m in modules:
             load_module(m, names[id(m)], self.keys, self.ckpt, device=self.device, dtype=self.dtype)
+            self.masters.cast(m)
         return modules
 
     def free_head(self) -> None:
         for m in (final_norm(self.model), self.model.get_output_embeddings()):
+            self.masters.restore(m)
             free_module(m)
 
     # -------------------------------------------------------------- output

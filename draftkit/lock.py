@@ -6,7 +6,9 @@ runs can never interleave their writes. A second process gets one line naming th
 
 The lock is an OS advisory lock (``fcntl.flock``) on the file, which the kernel releases when the holder
 dies however it dies (SIGKILL, OOM, power loss of a container), so a lock left by a killed process is
-stale by construction: the next run takes it over and writes its own PID. Where ``fcntl`` does not exist
+stale by construction: the next run takes it over and writes its own PID. A holder that ends normally (or
+on SIGINT/SIGTERM) removes the file while it still holds the lock; a process that opened the file just
+before checks after taking the flock that the path still names that file, and opens it again if not. Where ``fcntl`` does not exist
 (Windows), the file is created exclusively and a stale one is detected by checking whether its PID is alive.
 """
 
@@ -74,11 +76,61 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
     finally:
         if created:  # a folder made only to hold the lock is not left behind (nothing written)
             try:
-                if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-                    path.unlink()
+                if not any(folder.iterdir()):  # the lock file went with the lock
                     folder.rmdir()
             except OSError:
                 pass
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the open file ``fd`` (not removed, not replaced by a newer lock file)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _flock(folder: Path, path: Path, what: str) -> int:
+    """Open ``path`` and take its exclusive flock; the descriptor. A lock file its holder removed between our
+    open and our flock is a dead end (a third process may create and lock a new one): open it again."""
+    assert fcntl is not None
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _busy(folder, path, what) from None
+        if _same_file(fd, path):
+            return fd
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    raise _busy(folder, path, what)
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the lock of an output that a command replaces whole (``-o OUT``, with or without ``--overwrite``):
+    ``.OUT.draftkit.lock`` beside it, since ``OUT`` itself is renamed in at the end. Two processes writing the
+    same output: the second gets one line naming the first's PID instead of both succeeding, the last one
+    silently winning. Folders made only to hold the lock are removed again when nothing else came into them.
+
+    Raises:
+        LockedError: another live process writes this output.
+    """
+    out = Path(out)
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out, out.parent / f".{out.name}{LOCK_FILE}", what):
+            yield
+    finally:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 @contextmanager
@@ -86,21 +138,16 @@ def _locked(folder: Path, path: Path, what: str) -> Iterator[None]:
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if fcntl is not None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise _busy(folder, path, what) from None
+        fd = _flock(folder, path, what)
         try:
             os.ftruncate(fd, 0)
             os.write(fd, info.encode())
             yield
         finally:
-            try:
-                os.ftruncate(fd, 0)  # an unheld lock file names no holder
-            except OSError:
-                pass
+            # removed while still held: a process that opened it meanwhile finds, once it has the flock,
+            # that the path no longer names its file, and starts again (see _flock)
+            if _same_file(fd, path):
+                path.unlink(missing_ok=True)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         return

@@ -8,6 +8,8 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
   (:data:`ACTIVATION_COPIES`);
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
   token, plus, with ``eager`` attention only, the attention scores (heads × sequence length per token);
+* MoE layers: per token, the router's scores and, for each of its ``top_k`` experts, the gathered input
+  and the expert's three intermediate values (:func:`draftkit.moe.arch.moe_values_per_token`);
 * SparseGPT: the largest Hessian and its one work buffer ([columns, columns] float32 each), plus a
   float32 copy of the widest group of weights pruned together;
 * the Python process itself (torch and transformers imported): about 0.45 GB.
@@ -15,6 +17,7 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
+from draftkit.moe.arch import moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -79,8 +83,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.device, tokens: int,
-                    seqlen: int, chunk_tokens: int, sparsegpt: bool, dtype_bytes: int = 4) -> MemoryEstimate:
-    """Peak memory of a calibration run (prune scoring or sparsify), by the parts listed above."""
+                    seqlen: int, chunk_tokens: int, sparsegpt: bool, dtype_bytes: int = 4,
+                    act_bytes: int | None = None) -> MemoryEstimate:
+    """Peak memory of a calibration run (prune scoring or sparsify), by the parts listed above; weights take
+    ``dtype_bytes`` per value, activations ``act_bytes`` (the compute dtype's; default: the weights')."""
+    act = act_bytes or dtype_bytes
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(tc, "hidden_size", 4096))
     inter = int(getattr(tc, "intermediate_size", 4 * hidden) or 4 * hidden)
@@ -92,9 +99,10 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     parts = {
         "weights": ckpt_bytes if not streamed else max(embed, layer),
-        "activations": ACTIVATION_COPIES * tokens * hidden * dtype_bytes,
-        "layer_forward": chunk_tokens * 4 * (10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens)
-                                                                        if _eager_attention(tc) else 0)),
+        "activations": ACTIVATION_COPIES * tokens * hidden * act,
+        "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
+            10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
+            + moe_values_per_token(tc)),
     }
     if sparsegpt:
         cols = max(hidden, inter)
@@ -194,22 +202,50 @@ def gb(n: int) -> float:
 
 
 _pending: list[MemoryEstimate] = []
+_pending_compute: list[str] = []
+
+
+def announce_compute(line: str | None) -> None:
+    """Keep the compute-dtype choice (``compute bfloat16 (auto: ...)``) for the plan line, printed like the
+    estimate once the heavy work starts (or at the end of :func:`plan_line` when a stage never says so)."""
+    _pending_compute[:] = [line] if line else []
+
+
+@contextlib.contextmanager
+def plan_line(*, flush: bool = True) -> Iterator[None]:
+    """Around a stage: on an error the pending plan line is forgotten (the error is the one line printed);
+    with ``flush``, what is still pending once the block succeeds (a stage that never said its heavy work
+    started) is printed then."""
+    try:
+        yield
+    except BaseException:
+        _pending.clear()
+        _pending_compute.clear()
+        raise
+    if flush:
+        heavy_work_starts()
 
 
 def announce_before_heavy_work(estimate: MemoryEstimate) -> None:
     """Keep the estimate until :func:`heavy_work_starts`: so bad settings or data found before then
     still give a single line. Runs without a calibration forward (``prune --drop``, magnitude) copy
-    or edit one tensor at a time and print nothing."""
+    or edit one tensor at a time and print nothing (not even the compute dtype)."""
     _pending[:] = [estimate] if "activations" in estimate.parts else []
+    if not _pending:
+        _pending_compute.clear()  # no forward runs: no compute dtype to speak of either
 
 
 def heavy_work_starts() -> None:
     """Print the pending estimate (once), right before the calibration forward or the tensor copy."""
     from draftkit import console
 
+    compute = _pending_compute.pop() if _pending_compute else None
     if _pending:
         est = _pending.pop()
-        console.info(f"{est.line()}; {'streamed one layer at a time' if est.streamed else 'resident'}")
+        more = f"; {compute}" if compute else ""
+        console.info(f"{est.line()}; {'streamed one layer at a time' if est.streamed else 'resident'}{more}")
+    elif compute:
+        console.info(compute)
 
 
 _libc: ctypes.CDLL | None = None

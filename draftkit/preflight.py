@@ -121,9 +121,11 @@ def sample_rows(source: str, split: str = "train", n: int = SAMPLE_ROWS) -> list
     files = _cached_dataset_files(name, config or None, split)
     if files:
         return _read_head(files, n)
-    if _offline():
-        raise DataError(f"hub dataset {source} (split {split}) is not in the local hub cache and the hub is offline "
-                        "(HF_HUB_OFFLINE=1): download it first, or name a local file")
+    from draftkit.hub import offline_if_unreachable, unreachable_hint
+
+    if _offline() or offline_if_unreachable():
+        raise DataError(f"hub dataset {source} (split {split}) is not in the local hub cache and {unreachable_hint()}: "
+                        "download it first, or name a local file")
     try:
         import datasets
 
@@ -211,10 +213,16 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
     if environment:
         _check_device(c, load.device)
     draft_tok_source = recipe.header.model  # no stage changes the tokenizer
+    configs: dict[int, Any] = {}  # the config each stage's output has (a from: stage starts from that one's)
     for step in recipe.steps:
         where = f"stages[{step.index}].{step.name}"
         cfg = step.config
         check = registry[step.name].check
+        if step.source is not None:
+            from draftkit.branches import source_step
+
+            src = c.run(f"stages[{step.index}].from", source_step, recipe, step)
+            hf_config = configs.get(src.index) if src is not None else None
         if step.name in ("prune", "sparsify"):
             if hf_config is not None and check is not None:
                 c.run(where, check, hf_config, cfg)
@@ -228,8 +236,11 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
             _check_eval(c, where, cfg, trust, environment)
         elif step.name == "spec":
             _check_spec(c, where, cfg, trust, draft_tok_source)
+        elif step.name == "merge":
+            _check_merge(c, where, recipe, step, trust)
         if step.name == "prune" and hf_config is not None:
             hf_config = after_prune(hf_config, cfg)
+        configs[step.index] = hf_config
     if environment and not c.problems:
         from draftkit.plan import estimate_memory_bytes
 
@@ -279,6 +290,20 @@ def _check_distill(c: _Collector, where: str, cfg, trust: bool, environment: boo
         c.add(f"{where}.engine", "engine vllm needs the vllm extra: pip install 'draftkit[vllm]' (or engine: hf)")
     if cfg.tensor_parallel > 1 and cfg.engine != "vllm":
         c.add(f"{where}.tensor_parallel", "tensor_parallel > 1 needs engine: vllm")
+
+
+def _check_merge(c: _Collector, where: str, recipe, step, trust: bool) -> None:
+    from draftkit.branches import stage_models
+
+    if len(step.config.models) < 2:
+        c.add(f"{where}.models", "a merge needs at least two models: earlier stages (name, index or folder) or paths")
+        return
+    models = c.run(f"{where}.models", stage_models, recipe, step, recipe.header.output)
+    for ref, model in zip(step.config.models, models, strict=True) if models else ():
+        if model == str(ref):  # not a stage of this recipe: a model that must exist now
+            c.run(f"{where}.models", check_model, model, trust_remote_code=trust)
+    if step.config.base:
+        c.run(f"{where}.base", check_model, step.config.base, trust_remote_code=trust)
 
 
 def _check_eval(c: _Collector, where: str, cfg, trust: bool, environment: bool) -> None:
@@ -357,3 +382,4 @@ def _check_memory(c: _Collector, estimates: dict[int, int], device: str) -> None
     if estimates[worst] > total:
         c.add("load.device", f"the largest stage (stage {worst}) needs about {estimates[worst] / 2**30:.1f} GiB, "
                              f"more than {what} ({total / 2**30:.1f} GiB)")
+

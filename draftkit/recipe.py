@@ -15,14 +15,17 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model
 
 from draftkit.errors import InvalidInputError
 from draftkit.resources import recipes_dir
+from draftkit.safe_yaml import load_yaml, unshared
 from draftkit.stages import LoadConfig, stages
+
+MAX_ERROR_LINES = 20  # a recipe with thousands of problems shows the first ones and a count of the rest
 
 
 class RecipeError(InvalidInputError):
@@ -42,13 +45,21 @@ class RecipeHeader(BaseModel):
     description: str | None = Field(None, description="free text shown by `draftkit recipes list`")
     load: LoadConfig = Field(default_factory=LoadConfig,
                              description="execution options: how models are loaded and where they run")
+    keep: Literal["all", "final"] = Field("all", description="final: once the run ends, delete every stage's "
+                                          "model copy but the final draft's (exports and reports stay)")
     stages: list[Any] = Field(min_length=1, description="stage entries, each {stage_name: settings}")
 
 
+# Keys an entry may carry beside its stage: ``from`` (the stage whose output it starts from) and ``name``
+# (a label other stages use to name it). See draftkit.branches.
+STEP_KEYS = ("from", "name")
+
+
 def _stage_tag(value: Any) -> str | None:
-    """The stage an entry names: the single key of ``{prune: {...}}`` (or of a validated step)."""
+    """The stage an entry names: the one key of ``{prune: {...}}`` besides ``from``/``name`` (or of a validated step)."""
     if isinstance(value, dict):
-        return next(iter(value)) if len(value) == 1 else None
+        keys = [k for k in value if k not in STEP_KEYS]
+        return keys[0] if len(keys) == 1 else None
     return getattr(value, "stage_name", None)
 
 
@@ -63,12 +74,17 @@ def recipe_model() -> type[RecipeHeader]:
             f"{stage.config.__name__.removesuffix('Config')}Step",
             __config__=ConfigDict(extra="forbid"),
             **{name: (stage.config, Field(description=stage.config.__doc__ or name))},
+            from_=(str | int | None, Field(None, alias="from", description="the stage whose output this one starts "
+                                           "from (its name, index or folder; default: the model-making stage before it)")),
+            label=(str | None, Field(None, alias="name", pattern=r"^[A-Za-z_][\w.-]*$",
+                                     description="a name other stages use for this one (from:, merge models:)")),
         )
         step.stage_name = name  # type: ignore[attr-defined]
         members.append(Annotated[step, Tag(name)])
     entry = Annotated[Union[tuple(members)], Discriminator(  # noqa: UP007 - built at run time
         _stage_tag, custom_error_type="stage_entry",
-        custom_error_message="each stage is a one-key mapping such as `prune: {layers: 2}`")]
+        custom_error_message="each stage is a one-key mapping such as `prune: {layers: 2}` "
+                             "(optionally with from: and name: beside the key)")]
     return create_model(
         "RecipeConfig", __base__=RecipeHeader,
         stages=(list[entry], Field(min_length=1, description="stage entries, each {stage_name: settings}")),
@@ -80,6 +96,8 @@ class StageStep:
     index: int
     name: str
     config: BaseModel
+    source: str | None = None  # ``from:``: the stage whose output this one reads (draftkit.branches.find_step)
+    label: str | None = None  # ``name:``
 
     @property
     def dirname(self) -> str:
@@ -152,13 +170,7 @@ def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recip
 
 
 def parse_recipe(text: str, *, filename: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
-        raise RecipeError(f"{where}: YAML syntax error: {exc.problem}") from None
+    data, node = load_yaml(text, filename, error=RecipeError)  # safe_load's types; no bombs, no duplicate keys
     if not isinstance(data, dict):
         raise RecipeError(f"{filename}: a recipe is a mapping with name, model, output and stages")
     positions = _positions(node) if node is not None else {}
@@ -176,7 +188,7 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", overrides: list[str] 
     # ${recipe_dir}: the folder of the recipe file, so a recipe can name files beside it whatever the
     # current directory (the shipped demo names its teacher and data this way)
     recipe_dir = Path(filename).resolve().parent if Path(filename).is_file() else Path.cwd()
-    data = interpolate(data, {**data, "recipe_dir": str(recipe_dir)}, where)
+    data = unshared(interpolate(data, {**data, "recipe_dir": str(recipe_dir)}, where), filename, error=RecipeError)
 
     def place(loc: tuple) -> str:
         key = tuple(str(x) for x in loc)
@@ -189,8 +201,9 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", overrides: list[str] 
     entries = data.get("stages") if isinstance(data.get("stages"), list) else []
     for i, entry in enumerate(entries):
         loc = ("stages", str(i))
-        if isinstance(entry, dict) and len(entry) == 1:
-            (name, settings), = entry.items()
+        keys = [k for k in entry if k not in STEP_KEYS] if isinstance(entry, dict) else []
+        if len(keys) == 1:
+            name, settings = keys[0], entry[keys[0]]
             if name not in registry:
                 raise RecipeError(f"{place(loc + (name,))}: stages[{i}]: unknown stage {name!r}; "
                                   f"stages: {', '.join(registry)}")
@@ -201,11 +214,20 @@ def parse_recipe(text: str, *, filename: str = "<recipe>", overrides: list[str] 
         config = model_cls.model_validate(data)
     except ValidationError as exc:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
-        lines = [_error_line(e, model_cls, registry, place) for e in errors]
-        raise RecipeError("\n".join(dict.fromkeys(lines))) from None
-    steps = [StageStep(i, type(entry).stage_name, getattr(entry, type(entry).stage_name))
+        lines = list(dict.fromkeys(_error_line(e, model_cls, registry, place) for e in errors[:MAX_ERROR_LINES]))
+        more = len(errors) - MAX_ERROR_LINES
+        raise RecipeError("\n".join(lines + ([f"... and {more:,} more problems"] if more > 0 else []))) from None
+    steps = [StageStep(i, type(entry).stage_name, getattr(entry, type(entry).stage_name),
+                       None if entry.from_ is None else str(entry.from_), entry.label)
              for i, entry in enumerate(config.stages)]
-    return Recipe(header=config, steps=steps, resolved=data, source=filename)
+    recipe = Recipe(header=config, steps=steps, resolved=data, source=filename)
+    from draftkit.branches import check_branches
+
+    try:
+        check_branches(recipe)
+    except InvalidInputError as exc:
+        raise RecipeError(f"{filename}: {exc}") from None
+    return recipe
 
 
 def _error_line(e: dict, model_cls: type[BaseModel], registry: dict, place) -> str:
@@ -320,25 +342,42 @@ def _index(part: str, seq: list, item: str) -> int:
 _VAR = re.compile(r"\$\{([^}]+)\}")
 
 
-def interpolate(value: Any, root: dict, where=lambda loc: "<recipe>", _path: tuple = (), _depth: int = 0) -> Any:
+MAX_INTERPOLATED = 100_000  # characters of one string after ${...} substitution
+
+
+def interpolate(value: Any, root: dict, where=lambda loc: "<recipe>", _path: tuple = (), _depth: int = 0,
+                _memo: dict | None = None) -> Any:
     """Replace ``${path}`` and ``${env:NAME}`` in every string of ``value``.
 
-    ``where(key_path)`` names the place in the source for error messages.
+    ``where(key_path)`` names the place in the source for error messages. Each reference is resolved once (no
+    exponential work) and a string that grows past MAX_INTERPOLATED characters is refused.
     """
     import os
 
+    memo: dict[str, Any] = {} if _memo is None else _memo
     at = where(_path) + (": " + ".".join(str(p) for p in _path) if _path else "")
     if _depth > 10:
         raise RecipeError(f"{at}: interpolation nests too deep (a reference cycle?)")
     if isinstance(value, dict):
-        return {k: interpolate(v, root, where, _path + (k,), _depth) for k, v in value.items()}
+        return {k: interpolate(v, root, where, _path + (k,), _depth, memo) for k, v in value.items()}
     if isinstance(value, list):
-        return [interpolate(v, root, where, _path + (i,), _depth) for i, v in enumerate(value)]
+        return [interpolate(v, root, where, _path + (i,), _depth, memo) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
     def lookup(ref: str) -> Any:
         ref = ref.strip()
+        if ref not in memo:
+            memo[ref] = resolve(ref)
+        return memo[ref]
+
+    def text(ref: str) -> str:
+        found = str(lookup(ref))
+        if len(found) > MAX_INTERPOLATED:
+            raise RecipeError(f"{at}: ${{{ref}}} expands to more than {MAX_INTERPOLATED:,} characters")
+        return found
+
+    def resolve(ref: str) -> Any:
         if ref.startswith("env:"):
             name = ref[4:]
             if name not in os.environ:
@@ -350,9 +389,12 @@ def interpolate(value: Any, root: dict, where=lambda loc: "<recipe>", _path: tup
                 cur = cur[int(part)] if isinstance(cur, list) else cur[part]
             except (KeyError, IndexError, ValueError, TypeError):
                 raise RecipeError(f"{at}: ${{{ref}}} names nothing in the recipe") from None
-        return interpolate(cur, root, where, _path, _depth + 1)
+        return interpolate(cur, root, where, _path, _depth + 1, memo)
 
     whole = _VAR.fullmatch(value)
     if whole:  # keep the referenced value's type (numbers stay numbers)
         return lookup(whole.group(1))
-    return _VAR.sub(lambda m: str(lookup(m.group(1))), value)
+    out = _VAR.sub(lambda m: text(m.group(1)), value)
+    if len(out) > MAX_INTERPOLATED:
+        raise RecipeError(f"{at}: expands to more than {MAX_INTERPOLATED:,} characters through ${{...}} references")
+    return out

@@ -1,5 +1,7 @@
 """What users type to name a model, and where its weights are: a local directory, a ``.gguf`` file,
-a hub id, or a short alias for one. Resolving a name reads nothing but the file system."""
+a hub id, or a short alias for one. Resolving a name reads nothing but the file system; a local model
+folder (or a ``.gguf`` file's folder) that links outside itself is refused here, before any command
+reads it (:mod:`draftkit.model_files`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from draftkit.errors import ModelLoadError
+from draftkit.model_files import check_folder, check_gguf
 from draftkit.resources import DEMO_TEACHER_NAME, demo_teacher
 
 GGUF_SUFFIX = ".gguf"
@@ -38,6 +41,7 @@ ALIASES: dict[str, str] = {
     "gemma-2-9b-it": "google/gemma-2-9b-it",
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-360m-instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
     "tinyllama-1.1b-chat": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
 }
@@ -73,14 +77,17 @@ def resolve_model_ref(name: str) -> ModelRef:
     """Resolve a directory, a ``.gguf`` file, an alias (``llama-3.1-8b``) or a hub id (``owner/name``).
 
     Raises:
-        ModelLoadError: the name is none of these; the message names the closest aliases.
+        ModelLoadError: the name is none of these (the message names the closest aliases), or a local
+            folder names or links to files outside itself.
     """
     name = str(name)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
+            check_gguf(path)
             return ModelRef(name, str(path), "gguf")
         if path.is_dir() and (path / "config.json").is_file():
+            check_folder(path)
             return ModelRef(name, str(path), "dir")
         ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}")) if path.is_dir() else []
         if ggufs:

@@ -16,9 +16,11 @@ _PREFERRED = {
                 "train.zero_positions_changed"],
     "export": ["format", "bytes_on_disk", "dense_bytes", "ratio_to_dense", "serve.status"],
     "eval": ["mean_recovery", "recovery", "tasks"],
+    "merge": ["method", "t", "weights", "sparsity", "layer_sparsity", "tensors_with_different_masks"],
     "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
 }
-_SKIP = {"output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads"}
+_SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads",
+         "compute"}
 
 
 def _fmt(v: Any) -> str:
@@ -59,6 +61,11 @@ def stage_seconds(run_report: dict[str, Any]) -> float:
     return sum(s["seconds"] for s in run_report["stages"] if isinstance(s.get("seconds"), (int, float)))
 
 
+def _branch(stage: dict[str, Any]) -> str:
+    """`` ← 00-prune`` for a stage that names the stages it reads (``from:``, a merge's ``models:``)."""
+    return f" ← {', '.join(Path(r).name for r in stage['reads'])}" if stage.get("reads") else ""
+
+
 def to_markdown(run_report: dict[str, Any]) -> str:
     skipped = sum(1 for s in run_report["stages"] if s.get("skipped"))
     total = f"- total time: {stage_seconds(run_report):.1f} s (each stage as measured when it ran)"
@@ -78,9 +85,20 @@ def to_markdown(run_report: dict[str, Any]) -> str:
         m = "; ".join(f"{k}: {v}" for k, v in stage_metrics(s["stage"], s.get("report") or {}).items())
         status = s["status"] + (" (skipped, unchanged)" if s.get("skipped") else "")
         secs = f"{s['seconds']:.1f}" if isinstance(s.get("seconds"), (int, float)) else ""
-        lines.append(f"| {i} | {s['stage']} | {status} | {secs} | {m.replace('|', '/')} |")
+        lines.append(f"| {i} | {s['stage']}{_branch(s)} | {status} | {secs} | {m.replace('|', '/')} |")
+    if run_report.get("gates"):
+        lines += ["", f"## Gates: {'passed' if run_report.get('passed') else 'FAILED'}", "",
+                  "| stage | gate | metric | value | threshold | verdict |", "|---|---|---|---:|---:|---|"]
+        for g in run_report["gates"]:
+            value = _fmt(g["value"]) if g.get("value") is not None else "n/a"
+            lines.append(f"| {g['index']:02d}-{g['stage']} | {g['gate']} | {g['metric']} | {value} | {_fmt(g['threshold'])} "
+                         f"| {'pass' if g['passed'] else '**fail**'} |")
     if run_report.get("gate_failures"):
         lines += ["", "**Quality gate failed:** " + "; ".join(run_report["gate_failures"])]
+    if run_report.get("comparison"):
+        from draftkit.compare import to_markdown as comparison_markdown
+
+        lines += comparison_markdown(run_report["comparison"])
     for s in run_report["stages"]:
         serve = (s.get("report") or {}).get("serve")
         if serve:
@@ -128,6 +146,10 @@ def make_plots(run_report: dict[str, Any], out: Path) -> list[str]:
                 items = [(k, v) for k, v in rec.items() if isinstance(v, (int, float))]
                 if items:
                     made.append(_bar(items, out / "plots" / "recovery.png", gate=(r.get("gate") or {}).get("min_recovery")))
+    if run_report.get("comparison"):
+        from draftkit.compare import plot as plot_comparison
+
+        made += [p for p in [plot_comparison(run_report["comparison"], out / "plots" / "night_over_night.png")] if p]
     return [str(p) for p in made]
 
 
@@ -172,5 +194,21 @@ def render(run_report: dict[str, Any]) -> None:
         t.add_row(str(i), s["stage"], s["status"] + (" (skipped)" if s.get("skipped") else ""), secs, m)
     console.out.print(t)
     console.out.print(f"final model: {run_report['final_model']}; report: {Path(run_report['output']) / 'report.md'}")
+    comparison = run_report.get("comparison")
+    if comparison:
+        console.out.print(f"night over night ({comparison['labels'][-2]} -> now): {comparison['message']}")
     for f in run_report.get("gate_failures", []):
         console.out.print(f"[red]quality gate failed[/red]: {f}")
+
+
+def write_error_report(out: Path, run_report: dict[str, Any], exc: BaseException) -> None:
+    """report.json of a run a stage failed in: the stages done so far, ``passed: false`` and the error object
+    with its exit code (CI reads a verdict, never a missing or empty report)."""
+    from draftkit.errors import error_object
+    from draftkit.gates import run_verdict
+
+    _, gates = run_verdict(run_report.get("stages", []))
+    try:
+        atomic_write_json(out / "report.json", {**error_object(exc), "gates": gates, **run_report})
+    except OSError:  # the error being reported matters more than its report
+        pass

@@ -23,8 +23,11 @@ from draftkit.checkpoint import (
     load_tokenizer,
     save_model,
 )
+from draftkit.compute import ComputeChoice, cast_for_compute, computing
+from draftkit.compute import current as current_compute
 from draftkit.errors import GateFailedError, InvalidInputError, NonFiniteError
 from draftkit.io import atomic_dir, atomic_write_json, check_output_dir, config_paths
+from draftkit.memory import heavy_work_starts, plan_line
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
 from draftkit.threads import apply_threads
 
@@ -36,6 +39,13 @@ class LoadConfig(BaseModel):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto keeps the checkpoint's own"
+    )
+    compute: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype the forwards run in (calibration, scoring, regeneration, eval, spec) apart from the "
+        "saved weights' dtype; auto: bfloat16 where the device runs it fast (CUDA with bf16, a CPU with AMX or "
+        "AVX512-BF16, MPS), else float32",
+        json_schema_extra={"option": "compute-dtype"},
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
     trust_remote_code: bool = Field(False, description="allow code from the model repository to run")
@@ -70,6 +80,10 @@ class Stage:
     # Optional ``check(hf_config, cfg)`` run before the weights load, to fail fast on settings that
     # do not fit the model.
     check: Callable[[Any, BaseModel], None] | None = None
+    # "model": ``run`` takes the model the stage before made. "models": the stage reads several models from
+    # their checkpoints itself (merge): ``run(models, cfg, *, out, load, overwrite, arguments) -> report``,
+    # the models named by the config's ``models`` (recipe stages or paths; see :mod:`draftkit.branches`).
+    reads: Literal["model", "models"] = "model"
 
 
 def stages() -> dict[str, Stage]:
@@ -78,6 +92,7 @@ def stages() -> dict[str, Stage]:
     from draftkit.evaluate import EvalConfig, check_eval, eval_stage
     from draftkit.evaluate.spec import SpecConfig, check_spec, spec_stage
     from draftkit.export import ExportConfig, check_export, export_stage, write_export
+    from draftkit.merge import MergeConfig, merge_checkpoints
     from draftkit.prune import PruneConfig, check_prune, prune_model
     from draftkit.sparsify import SparsifyConfig, sparsify_model
     from draftkit.sparsify.runner import check_sparsify
@@ -86,10 +101,26 @@ def stages() -> dict[str, Stage]:
         "prune": Stage("prune", PruneConfig, prune_model, check=check_prune),
         "sparsify": Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify),
         "distill": Stage("distill", DistillConfig, distill_model, check=check_distill),
+        "merge": Stage("merge", MergeConfig, merge_checkpoints, reads="models"),
         "export": Stage("export", ExportConfig, export_stage, save=write_export, check=check_export),
         "eval": Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval),
         "spec": Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec),
     }
+
+
+def stage_compute(name: str, load: LoadConfig) -> ComputeChoice | None:
+    """The compute dtype stage ``name`` runs its forwards in (:mod:`draftkit.compute`); None for a stage that
+    runs none (export, merge). The choice and why are printed on the plan line, once the heavy work starts (so bad
+    input found before then is still a single line)."""
+    from draftkit.checkpoint import resolve_device
+    from draftkit.compute import resolve_compute
+    from draftkit.memory import announce_compute
+
+    if name in ("export", "merge"):
+        return None
+    choice = resolve_compute(load.compute, resolve_device(load.device), stage=name)
+    announce_compute(f"{name}: {choice.line()}")
+    return choice
 
 
 def trusting(cfg: BaseModel, load: LoadConfig) -> BaseModel:
@@ -175,13 +206,20 @@ def run_stage_on(
     load = load or LoadConfig()
     cfg = trusting(cfg, load)
     threads = apply_threads(load.threads)
+    from draftkit.inputs import check_inputs
+
+    check_inputs(name, model_name, cfg)  # a mistyped input is named before the output is looked at
     out = check_output_dir(out, overwrite=overwrite, inputs=(model_name, *config_paths(cfg)))
     t0 = time.perf_counter()
     if held is not None and held.path != model_name:
         held.release()
     if stage.check is not None:
         stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
-    with work_dir_lock(cfg, lock_what or stage.name):
+    in_compute = False  # loaded in the compute dtype rather than the stored one: never handed on
+    # a command's output is locked while written; a recipe's stage (lock_what names its run) writes inside the
+    # run's folder, which the run holds locked
+    with output_lock_of(out, stage.name, held=lock_what is not None), work_dir_lock(cfg, lock_what or stage.name), \
+            computing(stage_compute(name, load)) as choice, plan_line(flush=False):
         from draftkit.checkpoint import resolve_device
         from draftkit.memory import activation_device, activation_store, announce_before_heavy_work
 
@@ -195,6 +233,8 @@ def run_stage_on(
                     held.release()
                 report = run_streamed(name, model_name, cfg, out=out, load=load, estimate=estimate,
                                       overwrite=overwrite, arguments=arguments)
+                if choice is not None:
+                    report["compute"] = choice.name
                 report["total_seconds"] = round(time.perf_counter() - t0, 3)
                 return StageRun(None, None, report)
         elif name == "eval":  # a perplexity-only evaluation streams by the same rule
@@ -213,8 +253,11 @@ def run_stage_on(
         elif held is not None and held.model is not None:
             model, tokenizer = held.model, held.tokenizer
         else:
+            # a measuring stage (eval, spec) saves no weights: load them in the compute dtype at once
+            dtype = choice.name if choice is not None and stage.save == "report" else load.dtype
+            in_compute = dtype != load.dtype
             model, tokenizer = load_model_and_tokenizer(
-                model_name, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code
+                model_name, dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code
             )
         store = None
         if estimate is not None and not streamed:
@@ -231,7 +274,7 @@ def run_stage_on(
         report.setdefault("memory_estimate_gb", estimate_facts(estimate))
     report["total_seconds"] = round(time.perf_counter() - t0, 3)
     report["threads"] = threads
-    return StageRun(model, tokenizer, report)
+    return StageRun(None if in_compute else model, tokenizer, report)
 
 
 def execute_stage(
@@ -252,7 +295,14 @@ def execute_stage(
     "message": str}`` instead of raising, so its report is always written; callers then use
     :func:`raise_if_gate_failed`.
     """
-    model, report = stage.run(model, tokenizer, cfg)
+    choice = current_compute() or stage_compute(stage.name, load)
+    with plan_line(flush=False), computing(choice), cast_for_compute(model if stage.save == "report" else None):
+        model, report = stage.run(model, tokenizer, cfg)  # prune/sparsify/distill cast what they run themselves
+    if choice is not None:
+        report["compute"] = choice.name
+    from draftkit.gates import judge
+
+    judge(stage.name, cfg, report)  # report["gates"], ["passed"] (and ["gate"] when a threshold is set)
     args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
     provenance = make_provenance(stage=stage.name, source=source, arguments=args, facts=report)
     if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output
@@ -269,7 +319,20 @@ def execute_stage(
     else:
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
+    heavy_work_starts()  # the plan line (compute dtype) of a stage that never said its heavy work started
     return model, tokenizer, report
+
+
+def output_lock_of(out: Path, what: str, *, held: bool = False):
+    """The lock of a command's output (:func:`draftkit.lock.output_lock`); rank 0 alone holds it. ``held``: a
+    lock above it (a recipe run's) already covers it."""
+    from contextlib import nullcontext
+
+    from draftkit.lock import output_lock
+
+    if held or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0):
+        return nullcontext()
+    return output_lock(out, what)
 
 
 def work_dir_lock(cfg: BaseModel, what: str):

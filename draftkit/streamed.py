@@ -50,7 +50,7 @@ SHARD_BYTES = 2 * 2**30
 
 def _needs_forward(name: str, cfg: BaseModel) -> bool:
     if name == "prune":
-        return cfg.drop is None and cfg.method != "last"
+        return (cfg.drop is None and cfg.method != "last") or getattr(cfg, "experts", None) is not None
     return cfg.method != "magnitude"
 
 
@@ -77,7 +77,7 @@ def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, Me
                                   0, {"weights": size})
         return estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=tokens,
                                seqlen=seqlen, chunk_tokens=min(chunk, tokens), sparsegpt=sparsegpt,
-                               dtype_bytes=dtype_bytes)
+                               dtype_bytes=dtype_bytes, act_bytes=compute_bytes())
 
     return choose_streaming(model_name, load.stream, est, can_stream=can_stream, size=size, device=device,
                             always=name == "prune" and not forward)
@@ -132,6 +132,14 @@ def choose_streaming(model_name: str, stream: str, est: Callable[[bool], MemoryE
     estimate.streamed = streamed
     check_fits(estimate, streamed=streamed, can_stream=can_stream, device=device)
     return streamed, estimate
+
+
+def compute_bytes() -> int | None:
+    """Bytes per activation value in the running stage's compute dtype (None: the weights' dtype)."""
+    from draftkit.compute import current_dtype
+
+    dt = current_dtype()
+    return None if dt is None else dt.itemsize
 
 
 def load_dtype_bytes(load, config) -> int:

@@ -19,6 +19,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DRAFTKIT_THREADS", "1")
 torch.set_num_threads(1)
 
+@pytest.fixture(autouse=True)
+def _console_state():
+    """The CLI sets draftkit's console flags per invocation (--quiet); a test calling a stage directly after
+    another test's in-process CLI call must not inherit them."""
+    from draftkit import console
+
+    yield
+    console.set_quiet(False)
+
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

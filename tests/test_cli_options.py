@@ -21,6 +21,7 @@ COMMANDS = {
     "decompress": ("draftkit.cli.export", "decompress"),
     "eval": ("draftkit.cli.evaluate", "evaluate"),
     "spec": ("draftkit.cli.spec", "spec"),
+    "merge": ("draftkit.cli.merge", "merge"),
     "inspect": ("draftkit.cli.info", "inspect"),
     "distill run": ("draftkit.cli.distill", "run"),
     "distill train": ("draftkit.cli.distill", "train"),
@@ -86,10 +87,11 @@ def test_each_stage_command_takes_all_of_its_config(stage):
         assert groups[n][0].defaults == field_default(config.model_fields[n])
     load_fields, _ = groups["load"]
     assert load_fields.model is LoadConfig
-    # export writes in --dtype (its own setting); streaming settings belong to the streamed stages
+    # export writes in --dtype (its own setting) and runs no forward (no --compute-dtype); streaming settings
+    # belong to the streamed stages
     from draftkit.cli._options import LOAD_ONLY_STREAMED
 
-    allowed = {"dtype", *LOAD_ONLY_STREAMED} if stage == "export" else set(LOAD_ONLY_STREAMED)
+    allowed = {"dtype", "compute", *LOAD_ONLY_STREAMED} if stage == "export" else set(LOAD_ONLY_STREAMED)
     if stage in ("prune", "sparsify", "eval"):
         allowed = set()
     assert set(load_fields.exclude) <= allowed

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "datasets", "numpy")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], []])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["models"], ["models", "--json"]])
 def test_help_and_version_import_no_heavy_module(argv):
     code = (
         "import sys\n"

@@ -35,7 +35,7 @@ TRIM = [
     "stages.2.distill.limit=64",
     "stages.2.distill.max_new_tokens=64",
     "stages.4.eval.limit=24",
-    "stages.4.eval.min_recovery=0.01",
+    "stages.4.eval.min_recovery=0.01", "stages.5.spec.min_mal=1.0",
     "stages.5.spec.limit=3",
     "stages.5.spec.max_new_tokens=24",
 ]

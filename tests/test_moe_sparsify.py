@@ -29,13 +29,14 @@ def _zeros(t: torch.Tensor) -> int:
     return int((t == 0).sum())
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
-def test_cli_sparsifies_every_expert_and_never_the_router(arch, method, tiny_moe_models, calib_file, tmp_path):
+def test_cli_sparsifies_every_expert_and_never_the_router(arch, method, compute, tiny_moe_models, calib_file, tmp_path):
     src = tiny_moe_models[arch]
     out = tmp_path / "sp"
     res = runner.invoke(app, ["sparsify", str(src), "--method", method, "--sparsity", "0.5", "--calib", str(calib_file),
-                              "--samples", "6", "--seqlen", "48", "-o", str(out), "--json"])
+                              "--samples", "6", "--seqlen", "48", "-o", str(out), "--json", "--compute-dtype", compute])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     before = AutoModelForCausalLM.from_pretrained(src)
@@ -156,3 +157,45 @@ def test_moe_checkpoint_is_not_streamed(tiny_moe_models, calib_file, tmp_path):
     assert _zeros(w["model.layers.0.mlp.shared_expert.up_proj.weight"]) == w["model.layers.0.mlp.shared_expert.up_proj.weight"].numel() // 2
     assert _zeros(w["model.layers.0.mlp.shared_expert_gate.weight"]) == 0
     assert _zeros(w["model.layers.0.mlp.experts.3.up_proj.weight"]) > 0  # saved per expert, as transformers does
+
+
+def test_sparsegpt_expert_weights_are_sparsegpt_on_their_routed_tokens(tiny_moe_models, calib_file):
+    """Layer 0's experts (only the experts targeted): each gate/up projection is exactly SparseGPT on the
+    Hessian of the tokens routed to that expert; the down projection's on what the pruned gate/up produce."""
+    from draftkit.sparsify.sparsegpt import (
+        accumulate_hessian,
+        inverse_hessian_cholesky,
+        make_empty_hessian,
+        sparsegpt_prune,
+    )
+
+    model, tok = load_model_and_tokenizer(str(tiny_moe_models["mixtral"]))
+    cfg = _cfg(calib_file, sparsity=0.5, targets=r"experts")
+    chunks, _ = calibration_chunks(model, tok, cfg)
+    (block,) = moe_blocks(model)[0]
+    seen = {}
+    handle = block.experts.register_forward_pre_hook(lambda m, a: seen.setdefault("args", a))
+    with torch.no_grad():
+        model(input_ids=chunks[0], use_cache=False)
+    handle.remove()
+    hidden, top_k_index, _ = seen["args"]
+    W_gu, W_d = block.experts.gate_up_proj.detach().clone(), block.experts.down_proj.detach().clone()
+    model, report = sparsify_with_tokens(model, cfg, chunks)
+    ex = block.experts
+
+    def sgpt(W, X):
+        H, _ = accumulate_hessian(make_empty_hessian(X.shape[-1]), X, 0)
+        return sparsegpt_prune(W, inverse_hessian_cholesky(H, cfg.dampening), sparsity=0.5,
+                               block_size=cfg.block_size)[0]
+
+    with torch.no_grad():
+        for j in range(block.num_experts):
+            x = hidden[(top_k_index == j).any(dim=-1)]
+            assert len(x) > 0
+            want = sgpt(W_gu[j], x)
+            assert torch.equal(ex.gate_up_proj[j] == 0, want == 0), j  # the same mask
+            torch.testing.assert_close(ex.gate_up_proj[j], want, rtol=0, atol=1e-5)  # and the same OBS update
+            gate, up = torch.nn.functional.linear(x, ex.gate_up_proj[j]).chunk(2, dim=-1)
+            want = sgpt(W_d[j], ex.act_fn(gate) * up)
+            assert torch.equal(ex.down_proj[j] == 0, want == 0), j
+            torch.testing.assert_close(ex.down_proj[j], want, rtol=0, atol=1e-5)

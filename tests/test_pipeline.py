@@ -77,7 +77,7 @@ def test_failed_stage_keeps_earlier_outputs(tiny_llama, calib_file, tmp_path, mo
         run(load_recipe(str(rec)))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["0"]["status"] == "done"
-    assert manifest["stages"]["1"]["status"] == "failed"
+    assert manifest["stages"]["1"]["status"] == "interrupted"  # Ctrl-C is not a failure of the stage
     assert (out / "00-prune" / "model.safetensors").is_file()
     assert not (out / "01-prune").exists()
     mtime = os.path.getmtime(out / "00-prune" / "model.safetensors")

@@ -94,7 +94,7 @@ def _local_stand_ins(name: str, hub_cache: Path, tmp_path: Path) -> list[str]:
     data = tmp_path.parent / f"{tmp_path.name}-gsm8k.jsonl"
     data.write_text("".join(json.dumps({"question": "2 + 3?", "answer": "5\n#### 5"}) + "\n" for _ in range(4)))
     sets = [f"model={model}", f"stages.0.prune.calib.path={data}", f"stages.1.distill.dataset={data}",
-            f"stages.2.spec.prompts={data}"]
+            f"stages.2.spec.prompts={data}", f"stages.3.eval.ppl={data}"]
     return [a for s in sets for a in ("--set", s)]
 
 

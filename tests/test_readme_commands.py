@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PLACEHOLDERS = {"MODEL": "examples/tiny/teacher", "TARGET": "examples/tiny/teacher", "DRAFT": "runs/demo/01-sparsify",
                 "my.yaml": "recipes/demo.yaml", "prompts.jsonl": "examples/tiny/data/test.jsonl",
-                "NAME": "demo", "FILE": "recipes/demo.yaml"}
+                "NAME": "demo", "FILE": "recipes/demo.yaml", "MOE": "moe-model"}
 ONLINE = ("arc_easy", "--engine vllm", "/ckpt", "alpaca.jsonl", "gsm8k.jsonl", "STUDENT", "accelerate launch", "llama-")
 DEMO_TRIM = ["stages.0.prune.calib.samples=8", "stages.1.sparsify.calib.samples=8", "stages.2.distill.limit=32",
-             "stages.2.distill.max_new_tokens=64", "stages.4.eval.limit=8", "stages.4.eval.min_recovery=0.01",
+             "stages.2.distill.max_new_tokens=64", "stages.4.eval.limit=8", "stages.4.eval.min_recovery=0.01", "stages.5.spec.min_mal=1.0",
              "stages.5.spec.limit=2", "stages.5.spec.max_new_tokens=16"]
 WRITERS = ("prune", "sparsify", "export", "decompress", "distill")
 
@@ -59,6 +59,7 @@ def is_offline(cmd: str) -> bool:
 def trimmed(cmd: str) -> tuple[list[str], tuple[int, ...]]:
     """The argv to run and the exit codes the README promises (3: a failed --min-recovery gate)."""
     cmd = cmd.replace("[--json]", "--json")
+    cmd = re.sub(r"\s+>\s*\S+$", "", cmd)  # `--json > report.json`: the runner captures stdout itself
     argv = [PLACEHOLDERS.get(w, w) for w in shlex.split(cmd)[1:]]
     argv = [re.sub(r"^(DRAFT)(-\w+)$", lambda m: PLACEHOLDERS["DRAFT"] + m.group(2), w) for w in argv]
     sub = argv[0] if argv[0] != "distill" else "distill " + argv[1]
@@ -88,9 +89,10 @@ def test_readme_commands_are_found_and_classified():
     assert not any("llama-3.1-8b" in c for c in offline)
 
 
-def test_every_offline_readme_command_runs(tmp_path, monkeypatch):
+def test_every_offline_readme_command_runs(tmp_path, monkeypatch, tiny_moe_models):
     for name in ("examples", "recipes"):
         (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "moe-model").symlink_to(tiny_moe_models["qwen3_moe"])  # MOE: a tiny random Qwen3-MoE
     monkeypatch.chdir(tmp_path)
     cmds = [c for c in readme_commands(README.read_text()) if is_offline(c)]
     cmds.sort(key=lambda c: not c.startswith("draftkit run"))  # the demo's outputs are used by later examples

@@ -34,3 +34,20 @@ def test_readme_sd2_table_matches_the_json():
         assert cells[3] == (f"{k8:.2f}" if k8 is not None else "–"), arm
         assert cells[5] == f"{r['macs_dense_rel']:.3f}" and cells[6] == f"{r['macs_nonzero_rel']:.3f}", arm
     assert data["arms"]["a"]["k4"]["mal_per_step"] == 5 and data["arms"]["a"]["k8"]["mal_per_step"] == 9
+
+
+def _section(readme: str, title: str) -> str:
+    section = readme[readme.index(title):]
+    return section[: section.index("\n### ", 5) if "\n### " in section[5:] else len(section)]
+
+
+def test_readme_merge_table_matches_the_json():
+    """The SmolLM2 merge section's MAL figures (two students and their merge) come from the JSON."""
+    readme = (ROOT / "README.md").read_text()
+    data = json.loads((ROOT / "benchmarks" / "results" / "merge_smollm2.json").read_text())
+    section = _section(readme, "### Merge: self-distilled students of SmolLM2-135M")
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", section, flags=re.M)}
+    assert sorted(rows) == sorted(data["mal_per_step"])
+    for name, mal in data["mal_per_step"].items():
+        cells = [c.strip().strip("*") for c in rows[name].strip("|").split("|")]
+        assert cells[2] == f"{mal['gsm8k']:.2f}" and cells[3] == f"{mal['mixed']:.2f}", name

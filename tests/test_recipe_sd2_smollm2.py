@@ -34,10 +34,12 @@ def test_sd2_recipe_runs_from_a_gguf(tiny_gguf, tmp_path):
         f"stages.1.distill.dataset={data}", "stages.1.distill.limit=8", "stages.1.distill.max_new_tokens=12",
         "stages.1.distill.max_length=96",
         f"stages.2.spec.prompts={test}", "stages.2.spec.limit=2", "stages.2.spec.max_new_tokens=10",
+        "stages.2.spec.min_mal=1.0", f"stages.3.eval.ppl={test}", "stages.3.eval.ppl_seqlen=64",  # the shipped gate (1.9) is for the real model; a tiny random stand-in is below
     ]
     report = run(load_recipe("sd2-smollm2-135m", overrides=overrides))
     stages = {s["stage"]: s for s in report["stages"]}
-    assert [s["stage"] for s in report["stages"]] == ["prune", "distill", "spec"]
+    assert [s["stage"] for s in report["stages"]] == ["prune", "distill", "spec", "eval"]
+    assert stages["eval"]["report"]["baseline"]["tasks"]["perplexity"]["perplexity"] > 0  # the target's own score
     assert all(s["status"] == "done" for s in report["stages"])
     assert stages["prune"]["report"]["layers_after"] == stages["prune"]["report"]["layers_before"] - 2
     regen = stages["distill"]["report"]["regenerate"]

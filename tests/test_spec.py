@@ -88,12 +88,28 @@ def test_cross_tokenizer_self_text_mode_accepts(target, prompts_file):
     assert r["mal"] > 1.0  # not k+1: random text re-tokenizes differently from the ids that made it
 
 
-def test_spec_cli_json(tiny_llama, other_draft, prompts_file, tmp_path):
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_spec_cli_json(compute, tiny_llama, other_draft, prompts_file, tmp_path, monkeypatch):
+    """Greedy spec is lossless in either compute dtype: the target's reference and its verification of the
+    draft run in the same one (the target and the draft both load in it)."""
+    import draftkit.checkpoint as checkpoint
+
+    loaded = []
+    original = checkpoint.load_model_and_tokenizer
+
+    def recording(name, **kw):
+        loaded.append(kw.get("dtype"))
+        return original(name, **kw)
+
+    monkeypatch.setattr(checkpoint, "load_model_and_tokenizer", recording)
+    monkeypatch.setattr("draftkit.stages.load_model_and_tokenizer", recording)
     result = CliRunner().invoke(app, ["spec", str(other_draft), "--target", str(tiny_llama), "--prompts", str(prompts_file),
-                                      "--k", "2", "--max-new-tokens", "8", "--json", "-o", str(tmp_path / "rep")])
+                                      "--k", "2", "--max-new-tokens", "8", "--json", "-o", str(tmp_path / "rep"),
+                                      "--compute-dtype", compute])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["lossless"] is True and report["k"] == 2
+    assert report["lossless"] is True and report["k"] == 2 and report["compute"] == compute
+    assert loaded == [compute, compute]  # the draft, then the target
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert saved["report"]["mal"] == report["mal"]
 

@@ -80,7 +80,10 @@ def test_spec_temperature_reports_mal_under_sampling(pair, tmp_path):
     r2 = run_spec(draft, tok, target, tok, cfg)
     assert 1.0 <= r2["mal"] <= 4.0 and r2 == run_spec(draft, tok, target, tok, cfg) | {"spec_seconds": r2["spec_seconds"],
                                                                                          "draft_forward_ms": r2["draft_forward_ms"],
-                                                                                         "target_verify_forward_ms": r2["target_verify_forward_ms"]}
+                                                                                         "target_verify_forward_ms": r2["target_verify_forward_ms"],
+                                                                                         # timed on the device
+                                                                                         "cost_model": r2["cost_model"],
+                                                                                         "predicted_speedup": r2["predicted_speedup"]}
 
 
 def test_cost_model_like_against_like(pair, tmp_path):

@@ -32,25 +32,31 @@ def _same(a: dict, b: dict):
         assert float((a[k] - b[k]).abs().max()) <= 1e-6 * den, k
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
-def test_streamed_sparsify_equals_resident(arch, method, tiny_models, calib_file, tmp_path):
+def test_streamed_sparsify_equals_resident(arch, method, compute, tiny_models, calib_file, tmp_path):
     cfg = SparsifyConfig(method=method, sparsity=0.5, calib=CalibConfig(path=str(calib_file), samples=6, seqlen=48))
     reports = {}
     for mode in ("off", "on"):
-        reports[mode] = run_stage("sparsify", str(tiny_models[arch]), cfg, out=tmp_path / mode, load=LoadConfig(stream=mode))
+        reports[mode] = run_stage("sparsify", str(tiny_models[arch]), cfg, out=tmp_path / mode,
+                                  load=LoadConfig(stream=mode, compute=compute))
+        assert reports[mode]["compute"] == compute
     assert reports["on"]["streamed"] is True and not reports["off"]["streamed"]
     _same(_weights(tmp_path / "on"), _weights(tmp_path / "off"))
     assert reports["on"]["sparsity"] == pytest.approx(reports["off"]["sparsity"], abs=0)
     assert reports["on"]["modules"].keys() == reports["off"]["modules"].keys()
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
-def test_streamed_prune_equals_resident(arch, tiny_models, calib_file, tmp_path):
+def test_streamed_prune_equals_resident(arch, compute, tiny_models, calib_file, tmp_path):
     cfg = PruneConfig(layers=2, calib=CalibConfig(path=str(calib_file), samples=8, seqlen=64))
     reports = {}
     for mode in ("off", "on"):
-        reports[mode] = run_stage("prune", str(tiny_models[arch]), cfg, out=tmp_path / mode, load=LoadConfig(stream=mode))
+        reports[mode] = run_stage("prune", str(tiny_models[arch]), cfg, out=tmp_path / mode,
+                                  load=LoadConfig(stream=mode, compute=compute))
+        assert reports[mode]["compute"] == compute
     on, off = reports["on"], reports["off"]
     assert on["dropped_layers"] == off["dropped_layers"]
     assert on["block_distances"] == off["block_distances"] and on["block_influence"] == off["block_influence"]
@@ -225,6 +231,11 @@ def test_memory_estimate_parts_and_advice(tiny_llama, monkeypatch):
         memory.check_fits(resident, streamed=False, can_stream=True, device=cpu)
     assert math.isclose(memory.estimate_memory(config, streamed=True, **{**kw, "tokens": 16 * 128}).parts["activations"],
                         2 * streamed.parts["activations"])
+    # float32 weights computed in bf16: the activations (and one layer's forward) are counted in 2 bytes
+    f32 = memory.estimate_memory(config, streamed=True, **{**kw, "dtype_bytes": 4})
+    bf16 = memory.estimate_memory(config, streamed=True, **{**kw, "dtype_bytes": 4, "act_bytes": 2})
+    assert bf16.parts["weights"] == f32.parts["weights"] and 2 * bf16.parts["activations"] == f32.parts["activations"]
+    assert 2 * bf16.parts["layer_forward"] == f32.parts["layer_forward"]
 
 
 def test_streamed_output_with_nan_is_not_saved(tiny_llama, tmp_path):

@@ -28,7 +28,7 @@ TRIM = [
     "stages.2.distill.limit=32",
     "stages.2.distill.max_new_tokens=32",
     "stages.4.eval.limit=8",
-    "stages.4.eval.min_recovery=0.01",
+    "stages.4.eval.min_recovery=0.01", "stages.5.spec.min_mal=1.0",
     "stages.5.spec.limit=2",
     "stages.5.spec.max_new_tokens=16",
 ]

@@ -13,12 +13,20 @@ from typing import Any
 
 import torch
 
-from draftkit.bitmask import QUANT_METHOD, SPARSE_FORMAT, bitmask_decompress, compressed_groups
+from draftkit.bitmask import (
+    QUANT_METHOD,
+    SPARSE_FORMAT,
+    bitmask_decompress,
+    compressed_groups,
+    layout_problem,
+)
+from draftkit.checkpoint import gguf_cache
 from draftkit.errors import ModelLoadError
+from draftkit.input_errors import reading
+from draftkit.model_files import SAFE_INDEX, check_folder, folder_root, index_names, resolve_file
 from draftkit.refs import ModelRef, resolve_model_ref
 
 SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 _SHARD = re.compile(r"(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors")
 
 
@@ -46,6 +54,8 @@ def translate_load_error(ref: ModelRef, exc: BaseException, what: str = "") -> M
         msg = f"{name} is a GGUF file: reading it needs the gguf package (pip install 'draftkit[gguf]')"
     elif "size mismatch" in text or "ignore_mismatched_sizes" in text:
         msg = f"{name}: tensor shapes in the weights disagree with config.json (DRAFTKIT_DEBUG=1 shows which)"
+    elif isinstance(exc, RecursionError) or "maximum recursion depth" in text:
+        msg = f"could not load {what}{name}: a JSON file in it is nested too deeply to read: restore the checkpoint's own config files"
     elif not ref.local:
         msg = (f"could not load {name} ({ref.location}) from the hub: {first_line(exc)}; "
                "pass a local directory, or check the network and HF_TOKEN")
@@ -63,6 +73,7 @@ def load_config(name: str, *, trust_remote_code: bool = False):
         from draftkit.hub import check_hub
 
         check_hub(ref.location)  # one line at once when the hub is unreachable, not ~30 s of retries
+    ref = gguf_cache.lookup(ref)  # a GGUF file converted before: its folder's config
     try:
         return AutoConfig.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -91,20 +102,18 @@ def weight_files(directory: str | os.PathLike, *, require_safetensors: bool = Tr
     missing shard, shards without an index, or no weights at all.
     """
     p = Path(directory)
-    index = p / SAFE_INDEX
-    if index.is_file():
-        try:
-            names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(f"{index} is not a safetensors index (a JSON object with a weight_map): {first_line(exc)}") from None
-        missing = [n for n in names if not (p / n).is_file()]
+    root = folder_root(p)
+    names = index_names(p)
+    if names is not None:
+        paths = [resolve_file(p, n, source=p / SAFE_INDEX, root=root) for n in names]
+        missing = [n for n, f in zip(names, paths, strict=True) if not f.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ModelLoadError(f"{index} names {missing[0]}{more}, which is not in {p}: "
+            raise ModelLoadError(f"{p / SAFE_INDEX} names {missing[0]}{more}, which is not in {p}: "
                                  "the checkpoint is incomplete; copy or download the missing file")
-        return [p / n for n in names]
+        return paths
     if (p / SAFE_WEIGHTS).is_file():
-        return [p / SAFE_WEIGHTS]
+        return [resolve_file(p, SAFE_WEIGHTS, root=root)]
     files = sorted(p.glob("*.safetensors"))
     for f in files:
         m = _SHARD.fullmatch(f.name)
@@ -118,7 +127,7 @@ def weight_files(directory: str | os.PathLike, *, require_safetensors: bool = Tr
     if len(files) > 1:
         raise ModelLoadError(f"{p} has {len(files)} .safetensors files but no {SAFE_INDEX}: copy the index too")
     if files:
-        return files
+        return [resolve_file(p, f.name, root=root) for f in files]
     if any(p.glob("*.bin")) or any(p.glob("*.pt")):
         if not require_safetensors:
             return []
@@ -136,8 +145,8 @@ def sparsity_config_of(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         qc = json.loads(cfg_file.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    except (OSError, json.JSONDecodeError, AttributeError, RecursionError):
+        return None  # not one: loading the config reports what is wrong with it
     sc = qc.get("sparsity_config") or {}
     if qc.get("quant_method") == QUANT_METHOD and sc.get("format") == SPARSE_FORMAT:
         return sc
@@ -154,11 +163,28 @@ def is_quantized_too(path: str | os.PathLike) -> bool:
     return bool(qc.get("config_groups"))
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype names -> torch dtype names (those this torch lacks are left out, and refused when met)
+_ST_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }
+_ST_DTYPES = {k: getattr(torch, v) for k, v in _ST_DTYPE_NAMES.items() if hasattr(torch, v)}
+
+
+def stored_dtype(file: Path, key: str, name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; one that torch cannot hold is an error, never float32."""
+    try:
+        return _ST_DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"{file}: tensor {key} is stored as {name}, which torch {torch.__version__} cannot "
+                             "hold: convert the checkpoint to float32, float16 or bfloat16 safetensors") from None
+
+
+def _damaged(file: Path, module: str, why: str) -> ModelLoadError:
+    return ModelLoadError(f"{file}: the sparse weight {module} is inconsistent ({why}): the export is damaged or "
+                          "was altered; export it again from its source model")
 
 
 class LazyCheckpoint:
@@ -187,27 +213,37 @@ class LazyCheckpoint:
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, torch.dtype] = {}
         stored: dict[str, Path] = {}
+        stored_shape: dict[str, list[int]] = {}
         for file in self.files:
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
-                        sl = f.get_slice(key)
-                        stored[key] = file
-                        self.shape[key] = tuple(sl.get_shape())
-                        self.dtype[key] = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
-            except Exception as exc:  # noqa: BLE001 - safetensors' own error, as one line
-                raise ModelLoadError(f"{file} is not a readable safetensors file ({first_line(exc)}): copy or download it again") from None
+            with reading(file, "safetensors file"), safe_open(str(file), framework="pt") as f:
+                header = {key: (f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()}
+            for key, (shape, dtype_name) in header.items():
+                stored[key] = file
+                stored_shape[key] = list(shape)
+                self.shape[key] = tuple(shape)
+                self.dtype[key] = stored_dtype(file, key, dtype_name)
         self._stored = stored
         self.sparse_modules = compressed_groups(stored)
+        for prefix in self.sparse_modules:
+            absent = [leaf for leaf in ("compressed", "bitmask", "shape") if f"{prefix}.{leaf}" not in stored]
+            if absent:
+                raise _damaged(stored[f"{prefix}.bitmask"], prefix, f"it has no {prefix}.{absent[0]}")
+            shape_key = f"{prefix}.shape"
+            if stored_shape[shape_key] != [2] or self.dtype[shape_key] not in (torch.int64, torch.int32):
+                raise _damaged(stored[shape_key], prefix, f"{shape_key} is {stored_shape[shape_key]}, not two integers")
         for key, file in stored.items():
             prefix, _, leaf = key.rpartition(".")
             if prefix not in self.sparse_modules:
                 self.file_of[key] = file
             elif leaf == "compressed":  # M.weight stands for the group; its shape is stored in M.shape
                 name = f"{prefix}.weight"
+                shape = [int(x) for x in self._read_stored([f"{prefix}.shape"])[f"{prefix}.shape"].tolist()]
+                problem = layout_problem(shape, stored_shape[key], stored_shape[f"{prefix}.bitmask"])
+                if problem:
+                    raise _damaged(file, prefix, problem)
                 self.file_of[name] = file
                 self.dtype[name] = self.dtype[key]
-                self.shape[name] = tuple(int(x) for x in self._read_stored([f"{prefix}.shape"])[f"{prefix}.shape"].tolist())
+                self.shape[name] = tuple(shape)
 
     @property
     def config(self):
@@ -237,7 +273,7 @@ class LazyCheckpoint:
             by_file.setdefault(self._stored[k], []).append(k)
         out: dict[str, torch.Tensor] = {}
         for file, names in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
+            with reading(file, "safetensors file"), safe_open(str(file), framework="pt") as f:
                 for k in names:
                     out[k] = f.get_tensor(k)
         return out
@@ -252,7 +288,13 @@ class LazyCheckpoint:
         out: dict[str, torch.Tensor] = {}
         for k in keys:
             g = groups.get(k)
-            t = raw[k] if g is None else bitmask_decompress(raw[f"{g}.compressed"], raw[f"{g}.bitmask"], raw[f"{g}.shape"])
+            if g is None:
+                t = raw[k]
+            else:
+                try:
+                    t = bitmask_decompress(raw[f"{g}.compressed"], raw[f"{g}.bitmask"], raw[f"{g}.shape"])
+                except ValueError as exc:
+                    raise _damaged(self.file_of[k], g, str(exc)) from None
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             out[k] = t.to(device)
@@ -277,9 +319,23 @@ def hub_snapshot(ref: ModelRef) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(ref.location, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+        folder = snapshot_download(ref.location, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
     except Exception as exc:  # noqa: BLE001 - one line for the user
         raise translate_load_error(ref, exc) from exc
+    check_folder(folder)  # its links may point into the repository's blobs, nowhere else
+    return folder
+
+
+def check_cached_snapshot(ref: ModelRef) -> None:
+    """A hub model already in the local cache: its snapshot folder is checked like a local folder before
+    transformers reads it (links into the repository's blobs only, index entries inside)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(ref.location, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or not a hub id): transformers downloads it and reports
+        return
+    check_folder(folder)
 
 
 def read_stored_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -288,5 +344,6 @@ def read_stored_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]
 
     out: dict[str, torch.Tensor] = {}
     for f in weight_files(directory):
-        out.update(load_file(str(f)))
+        with reading(f, "safetensors file"):
+            out.update(load_file(str(f)))
     return out

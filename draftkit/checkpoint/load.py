@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 import torch
 
+from draftkit.checkpoint.complete import check_complete
 from draftkit.checkpoint.files import (
     LazyCheckpoint,
+    check_cached_snapshot,
     first_line,
     is_quantized_too,
     is_sparse_checkpoint,
@@ -23,6 +25,7 @@ from draftkit.checkpoint.files import (
     weight_files,
 )
 from draftkit.errors import InvalidInputError, ModelLoadError
+from draftkit.input_errors import reading
 from draftkit.refs import ModelRef, resolve_model_ref
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -71,47 +74,75 @@ def torch_dtype(dtype: str) -> torch.dtype | str:
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     """The model's tokenizer (a GGUF file's own, chat template included); pad falls back to eos."""
-    from transformers import AutoTokenizer
-
-    ref = resolve_model_ref(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise translate_load_error(ref, exc, "the tokenizer of ") from exc
+    tok = _tokenizer_of(_gguf_converted(resolve_model_ref(name), trust_remote_code), trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
 
 
-def empty_model(config, *, trust_remote_code: bool = False):
+def _gguf_converted(ref: ModelRef, trust_remote_code: bool) -> ModelRef:
+    """A GGUF ``ref``'s converted folder (:mod:`draftkit.checkpoint.gguf_cache`), converting it the first time."""
+    from draftkit import console
+    from draftkit.checkpoint import gguf_cache
+
+    hit = gguf_cache.lookup(ref)
+    if ref.kind != "gguf" or hit is not ref or not gguf_cache.enabled():
+        return hit
+    console.info(f"[dim]{ref.location}: dequantizing it once (kept in {gguf_cache.cache_folder(ref.location)})[/dim]")
+    model = _load_pretrained(ref, "auto", trust_remote_code)
+    return gguf_cache.store(ref, model, _tokenizer_of(ref, trust_remote_code))
+
+
+def _tokenizer_of(ref: ModelRef, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref.hf_path, trust_remote_code=trust_remote_code, **ref.hf_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise translate_load_error(ref, exc, "the tokenizer of ") from exc
+
+
+def empty_model(config, *, trust_remote_code: bool = False, name: str = ""):
     """The model built from ``config`` with every parameter on the meta device (no memory) and real
-    buffers (rotary frequencies), for filling one module at a time."""
+    buffers (rotary frequencies), for filling one module at a time.
+
+    Raises:
+        ModelLoadError: transformers cannot build a model from ``config`` (an unknown activation, a
+            vocabulary of 2**40 whose embedding cannot even be reserved...); ``name`` is the model named.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a config no model can be built from is the user's file
+        where = name or getattr(config, "name_or_path", "") or "the model"
+        raise ModelLoadError(f"{where}: config.json describes no model transformers can build ({first_line(exc)}): "
+                             "restore the checkpoint's own config.json") from exc
     return model.eval()
 
 
-def check_tensor_shapes(files: list[Path], config, *, trust_remote_code: bool = False) -> None:
-    """Each stored tensor's shape (read from the safetensors headers) against the shape ``config`` implies."""
+def check_tensor_shapes(files: list[Path], config, *, trust_remote_code: bool = False, name: str = "") -> None:
+    """Each stored tensor's shape (read from the safetensors headers) against the shape ``config`` implies.
+
+    Raises:
+        ModelLoadError: a shape disagrees, a header cannot be read, or no model can be built from ``config``.
+    """
     from safetensors import safe_open
 
-    try:
-        model = empty_model(config, trust_remote_code=trust_remote_code)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    except Exception:  # noqa: BLE001 - no skeleton for this config: transformers' own load reports it
-        return
+    model = empty_model(config, trust_remote_code=trust_remote_code, name=name or (str(files[0].parent) if files else ""))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                want, got = expected.get(key), tuple(h.get_slice(key).get_shape())
-                if want is not None and got != want:
-                    raise ModelLoadError(
-                        f"{f}: tensor {key} has shape {list(got)} but config.json implies {list(want)}: "
-                        "the config does not belong to these weights (restore the checkpoint's own config.json)"
-                    )
+        with reading(f, "safetensors file"), safe_open(str(f), framework="pt") as h:
+            stored = {key: tuple(h.get_slice(key).get_shape()) for key in h.keys()}
+        for key, got in stored.items():
+            want = expected.get(key)
+            if want is not None and got != want:
+                raise ModelLoadError(
+                    f"{f}: tensor {key} has shape {list(got)} but config.json implies {list(want)}: "
+                    "the config does not belong to these weights (restore the checkpoint's own config.json)"
+                )
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
@@ -136,6 +167,8 @@ def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_re
         from draftkit.hub import check_hub
 
         check_hub(ref.location)
+        check_cached_snapshot(ref)
+    ref = _gguf_converted(ref, trust_remote_code)  # a GGUF file: dequantized once per content, then safetensors
     if ref.kind == "dir" and is_sparse_checkpoint(ref.location):
         model = _load_sparse(ref, dtype, trust_remote_code)
     else:
@@ -161,15 +194,17 @@ def _load_pretrained(ref: ModelRef, dtype: str, trust_remote_code: bool):
     config = load_config(ref.name, trust_remote_code=trust_remote_code)
     if ref.kind == "dir":
         files = weight_files(ref.location, require_safetensors=False)
-        check_tensor_shapes(files, config, trust_remote_code=trust_remote_code)
+        check_tensor_shapes(files, config, trust_remote_code=trust_remote_code, name=ref.name)
     try:
         with _gguf_progress():
-            model = AutoModelForCausalLM.from_pretrained(
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
                 ref.hf_path, config=config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
-                use_safetensors=None, **ref.hf_kwargs,
+                use_safetensors=None, output_loading_info=True, **ref.hf_kwargs,
             )
     except Exception as exc:  # noqa: BLE001
         raise translate_load_error(ref, exc) from exc
+    model, info = loaded
+    check_complete(ref.name, missing=info["missing_keys"], unused=info["unexpected_keys"], model=model, config=config)
     quantizer = getattr(model, "hf_quantizer", None)
     if ref.kind == "gguf" and quantizer is not None:
         quantizer.remove_quantization_config(model)  # dequantized already: save as ordinary safetensors
@@ -178,13 +213,14 @@ def _load_pretrained(ref: ModelRef, dtype: str, trust_remote_code: bool):
 
 @contextlib.contextmanager
 def _gguf_progress() -> Iterator[None]:
-    """transformers' GGUF reader draws its own tqdm bar: hide it when draftkit's progress is off."""
+    """transformers' GGUF reader draws its own tqdm bar: shown only with --verbose (and progress on), like the
+    other libraries' bars."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from draftkit.console import progress_enabled
+    from draftkit.console import progress_enabled, verbose
 
     original = gguf_utils.tqdm
-    if not progress_enabled():
+    if not (progress_enabled() and verbose()):
         gguf_utils.tqdm = functools.partial(original, disable=True)
     try:
         yield
@@ -212,6 +248,8 @@ def _load_sparse(ref: ModelRef, dtype: str, trust_remote_code: bool):
     except KeyError:
         raise ModelLoadError(f"{ref.name}: model type {config.model_type!r} is not a transformers causal LM") from None
     try:
-        return model_cls.from_pretrained(None, config=config, state_dict=state, dtype=stored)
+        model, info = model_cls.from_pretrained(None, config=config, state_dict=state, dtype=stored, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"could not load the sparse checkpoint {ref.name}: {first_line(exc)}") from exc
+    check_complete(ref.name, missing=info["missing_keys"], unused=info["unexpected_keys"], model=model, config=config)
+    return model

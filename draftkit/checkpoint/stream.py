@@ -20,6 +20,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from draftkit.checkpoint.complete import check_complete
 from draftkit.checkpoint.files import SAFE_INDEX, SAFE_WEIGHTS, LazyCheckpoint
 from draftkit.errors import ModelLoadError, NonFiniteError
 
@@ -52,21 +53,24 @@ def parameter_keys(model: nn.Module, ckpt: LazyCheckpoint) -> dict[str, str]:
     key the checkpoint holds.
 
     Raises:
-        ModelLoadError: a parameter is absent from the checkpoint, or its shape disagrees with the config.
+        ModelLoadError: a parameter is absent from the checkpoint, a stored tensor is used by no parameter
+            or buffer (:func:`~draftkit.checkpoint.complete.check_complete`), or a shape disagrees with the config.
     """
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
     keys: dict[str, str] = {}
+    missing: list[str] = []
     for names in aliases.values():
         present = [n for n in names if n in ckpt.file_of]
         if not present:
-            raise ModelLoadError(
-                f"{ckpt.path}: the checkpoint has no tensor {names[0]}: it does not match its config.json "
-                "(or uses another naming; pass --stream off to load it whole)"
-            )
+            missing.append(names[0])
+            continue
         for n in names:
             keys[n] = present[0]
+    taken = set(keys) | {n for n, _ in model.named_buffers()}
+    check_complete(str(ckpt.path), missing=missing, unused=[k for k in ckpt.keys() if k not in taken],
+                   model=model, config=getattr(model, "config", None))
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, key in keys.items():
         want = tuple(params[name].shape)
@@ -128,6 +132,23 @@ def _stored_tensor(file: Path, name: str) -> tuple[tuple[int, int], str, list[in
     return (8 + n + begin, 8 + n + end), entry["dtype"], entry["shape"]
 
 
+def read_rows(file: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (along the first dimension) of tensor ``name`` of a safetensors file, read with
+    plain file reads (no memory map), so a slice of a large tensor costs the slice's memory only."""
+    (begin, end), dtype_name, shape = _stored_tensor(file, name)
+    dtype = {v: k for k, v in _ST_DTYPES.items()}[dtype_name]
+    shape = list(shape) or [1]
+    row_bytes = math.prod(shape[1:]) * _itemsize(dtype)
+    stop = min(stop, shape[0])
+    buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(begin + start * row_bytes)
+        got = f.readinto(buf.numpy().data)  # straight into the tensor: one copy of the slice in memory
+    if got != buf.numel() or begin + stop * row_bytes > end:
+        raise ModelLoadError(f"{file} is truncated inside {name}: copy or download it again")
+    return buf.view(dtype).reshape([stop - start, *shape[1:]])
+
+
 class ShardWriter:
     """Safetensors shards written tensor by tensor, in an order planned up front.
 
@@ -181,6 +202,22 @@ class ShardWriter:
                 assert self._file is not None
                 self._file.write(part.view(torch.uint8).numpy().data)
             self.next += 1
+
+    def write_parts(self, name: str, parts) -> None:
+        """Write tensor ``name`` as consecutive row slices (``parts`` yields tensors whose rows, joined,
+        are the planned tensor), so a tensor larger than memory is never whole."""
+        _, shape, dtype = self.spec[name]
+        self._begin(name)
+        rows = 0
+        for part in parts:
+            part = part.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+            _check_finite(name, part)
+            assert self._file is not None
+            self._file.write(part.view(torch.uint8).numpy().data)
+            rows += part.numel()
+        if rows != math.prod(shape):
+            raise RuntimeError(f"shard writer: {name} got {rows} values in parts, planned {math.prod(shape)}")
+        self.next += 1
 
     def copy(self, name: str, source: Path, src_name: str) -> None:
         """Write ``name`` as the bytes of tensor ``src_name`` of safetensors file ``source``, read with

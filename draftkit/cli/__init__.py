@@ -33,12 +33,15 @@ _LAZY: dict[str, tuple[str, str, str, str]] = {
     "eval": ("draftkit.cli.evaluate", "evaluate", "command",
              "Evaluate a model; with --baseline, report quality recovery and gate on it (exit code 3)."),
     "spec": ("draftkit.cli.spec", "spec", "command",
-             "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL) and expected speedup."),
+             "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL), the speedup measured "
+             "in an engine (--engine), the latency cost model's prediction for every k, and a dynamic k (--k dynamic)."),
+    "merge": ("draftkit.cli.merge", "merge", "command",
+              "Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks."),
     "run": ("draftkit.cli.run", "run", "command", "Run a recipe's stages in order, resuming where a previous run stopped."),
     "recipes": ("draftkit.cli.run", "recipes_app", "group", "List, show and validate recipes."),
     "inspect": ("draftkit.cli.info", "inspect", "command",
                 "Show a model's architecture, layers, parameters, dtype, per-layer sparsity and draftkit provenance."),
-    "models": ("draftkit.cli.info", "models", "command", "List the short model names draftkit accepts and the hub ids they stand for."),
+    "models": ("draftkit.cli.models", "models", "command", "List the short model names draftkit accepts and the hub ids they stand for."),
 }
 
 
@@ -171,11 +174,22 @@ def _root(
 def main() -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from draftkit.signals import stops_as_interrupts
+
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        with stops_as_interrupts():  # SIGTERM as Ctrl-C from the start (a command's handle_errors says more)
+            app()
+    except SystemExit as exc:  # a usage error click reported (exit 2) before any command ran: --json still gets JSON
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code and "--json" in sys.argv[1:]:
+            from draftkit.cli._common import print_json_error
+
+            print_json_error("invalid command line (the message is on stderr)", code)
+        raise
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)
+        sys.stderr.write("terminated (SIGTERM)\n" if code == 143 else "interrupted\n")
+        sys.exit(code)
     except Exception as exc:  # a CUDA out-of-memory error from any command: one line naming what to lower
         from draftkit.errors import EXIT_INVALID_INPUT, out_of_memory_line
 
@@ -187,4 +201,8 @@ def main() -> None:
 
             traceback.print_exc()
         sys.stderr.write(f"error: {line}\n")
+        if "--json" in sys.argv[1:]:
+            from draftkit.cli._common import print_json_error
+
+            print_json_error(line, EXIT_INVALID_INPUT)
         sys.exit(EXIT_INVALID_INPUT)

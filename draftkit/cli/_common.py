@@ -19,11 +19,15 @@ from draftkit.cli._options import Fields
 from draftkit.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     DraftkitError,
     InvalidInputError,
+    error_object,
     out_of_memory_line,
 )
 from draftkit.io import to_json
+from draftkit.oserrors import user_error
+from draftkit.signals import stops_as_interrupts
 
 # ---- what every stage command takes besides its config: one place, so all spell them the same ----
 ModelArg = Annotated[str, typer.Argument(help="local model directory, .gguf file, alias (see `draftkit models`) or hub id", show_default=False)]
@@ -83,42 +87,81 @@ def default_output(model: str, suffix: str) -> Path:
     return Path(f"{base}-{suffix}")
 
 
+_json_printed = False  # a --json command printed its JSON (report or error object) on stdout
+
+
 def emit(report: dict[str, Any], as_json: bool, render=None) -> None:
     """Print the report: JSON on stdout with ``--json``, else the command's rich rendering."""
+    global _json_printed
     if as_json:
+        _json_printed = True
         console.out.print_json(to_json(report)) if sys.stdout.isatty() else print(to_json(report))
     elif render is not None:
         render(report)
 
 
+def wants_json(params: dict[str, Any]) -> bool:
+    """The command's parsed parameters hold ``--json`` (``json``, or ``io`` 's ``as_json``)."""
+    return any(v is True and (k == "json" or k.endswith("as_json")) for k, v in params.items())
+
+
+def print_json_error(exc: BaseException | str, exit_code: int | None = None) -> None:
+    """With --json, an error object on stdout unless the command already printed its JSON (CI's
+    ``> report.json`` never gets an empty file)."""
+    global _json_printed
+    if _json_printed:
+        return
+    _json_printed = True
+    print(to_json(error_object(exc, exit_code)))
+
+
 def handle_errors(fn):
-    """Turn known errors into one line on stderr and a meaningful exit code (traceback with DRAFTKIT_DEBUG=1)."""
+    """Turn known errors into one line on stderr and a meaningful exit code (traceback with DRAFTKIT_DEBUG=1);
+    with --json, an error object on stdout too (:func:`draftkit.errors.error_object`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _json_printed
         debug = os.environ.get("DRAFTKIT_DEBUG") not in (None, "", "0")
+        as_json = wants_json(kwargs)
+        _json_printed = False
         try:
-            return fn(*args, **kwargs)
+            with stops_as_interrupts():
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except DraftkitError as exc:
             if debug:
                 traceback.print_exc()
             console.err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+            if as_json:
+                print_json_error(exc)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.err.print("interrupted: completed outputs are kept; re-run to resume")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            code = getattr(exc, "exit_code", EXIT_INTERRUPTED)
+            why = "terminated (SIGTERM)" if code == EXIT_TERMINATED else "interrupted"
+            console.err.print(f"{why}: completed outputs are kept; re-run to resume")
+            if as_json:
+                print_json_error(exc, code)
+            raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001
             if out_of_memory_line(exc) is not None:  # told once, in main(), with the setting of this command to lower
                 exc.draftkit_command = fn.__module__.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
                 raise
             if debug:
                 traceback.print_exc()
+            user = user_error(exc)  # the user's machine (full disk, read-only, name too long...), not a bug
+            if user is not None:
+                console.err.print(f"[red]error:[/red] {escape(str(user))}", highlight=False)
+                if as_json:
+                    print_json_error(user)
+                raise typer.Exit(user.exit_code) from None
             first = str(exc).splitlines()[0] if str(exc) else ""
             console.err.print(
                 f"[red]internal error:[/red] {type(exc).__name__}: {escape(first)} (set DRAFTKIT_DEBUG=1 for the traceback)"
             )
+            if as_json:
+                print_json_error(exc, EXIT_INTERNAL)
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper

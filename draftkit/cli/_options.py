@@ -64,7 +64,11 @@ class Fields:
         return [n for n in names if n not in self.exclude]
 
     def option(self, name: str) -> str:
-        return "--" + self.rename.get(name, name).replace("_", "-")
+        """``--field-name``, or the name the field's ``json_schema_extra={"option": ...}`` gives it
+        (``LoadConfig.compute`` is ``--compute-dtype`` on every command), or this command's rename."""
+        extra = self.model.model_fields[name].json_schema_extra
+        own = extra.get("option") if isinstance(extra, dict) else None
+        return "--" + self.rename.get(name, str(own or name)).replace("_", "-")
 
     def default(self, name: str) -> Any:
         if self.defaults is not None:
@@ -94,6 +98,15 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(t, type) and issubclass(t, BaseModel)
 
 
+def _int_or_words(annotation: Any) -> bool:
+    """``int | Literal[...]`` (the int possibly ``Annotated`` with bounds)."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    args = typing.get_args(annotation)
+    ints = [a for a in args if a is int or (typing.get_origin(a) is typing.Annotated and typing.get_args(a)[0] is int)]
+    return len(ints) == 1 and all(typing.get_origin(a) is Literal for a in args if a not in ints)
+
+
 def _unwrap_optional(annotation: Any) -> Any:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -117,9 +130,12 @@ def option_spec(fields: Fields, name: str) -> tuple[Any, Any]:
     elif typing.get_origin(kind) is Literal:
         metavar = "[" + "|".join(str(c) for c in typing.get_args(kind)) + "]"
         kind = str
-    elif typing.get_origin(kind) is list and typing.get_args(kind) in ((str,), ()):
-        kind, optional = str, True  # comma-separated on the command line
-        default = ",".join(default) if default else None
+    elif _int_or_words(kind):  # e.g. spec's k: an integer or "dynamic" (pydantic parses the text)
+        words = [str(c) for a in typing.get_args(kind) if typing.get_origin(a) is Literal for c in typing.get_args(a)]
+        metavar, kind = "[INTEGER|" + "|".join(words) + "]", str
+    elif typing.get_origin(kind) is list and typing.get_args(kind) in ((str,), (), (float,), (int,)):
+        kind, optional = str, True  # comma-separated on the command line (pydantic converts the items)
+        default = ",".join(map(str, default)) if default else None
         help_text += " (comma-separated)"
     elif kind not in (int, float, str, Path):  # a new field type: teach this function its option
         raise TypeError(f"{fields.model.__name__}.{name}: no command-line option for type {f.annotation!r}")

@@ -31,6 +31,15 @@ class _DefaultRun(TyperGroup):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def format_help(self, ctx, formatter) -> None:
+        """The group's help, then the options of its default form ``distill STUDENT ...`` (= ``distill run``)."""
+        super().format_help(ctx, formatter)
+        run = self.commands["run"]
+        sub = run.make_context("run", [], parent=ctx, resilient_parsing=True)
+        rows = [r for p in run.get_params(sub) if (r := p.get_help_record(sub)) is not None]
+        with formatter.section("Options of `draftkit distill STUDENT ...` (the same as `distill run`)"):
+            formatter.write_dl(rows)
+
 
 app = typer.Typer(
     cls=_DefaultRun,
@@ -134,8 +143,14 @@ def regenerate_cmd(*, cfg: dict, load: dict, io: Output) -> None:
     settings = build(LoadConfig, **load)  # a bad --device or --dtype: exit 2 before anything is read
     config = build(DistillConfig, **cfg)
     out = io.output or Path(f"{Path(str(cfg['dataset'])).stem or 'dataset'}-regenerated")
-    report = regenerate_into(config, out, overwrite=io.overwrite, device=settings.device, dtype=settings.dtype,
-                             trust_remote_code=settings.trust_remote_code)
+    from draftkit.stages import stage_compute
+
+    choice = stage_compute("regenerate", settings)  # the teacher only runs: it loads in the compute dtype
+    from draftkit.memory import plan_line
+
+    with plan_line():
+        report = regenerate_into(config, out, overwrite=io.overwrite, device=settings.device,
+                                 dtype=choice.name if choice else settings.dtype, trust_remote_code=settings.trust_remote_code)
     report["output"] = str(out)
     emit(report, io.as_json, _render_regenerate)
 
@@ -157,9 +172,11 @@ def _render(report: dict) -> None:
     if report.get("regenerate"):
         _render_regenerate(report["regenerate"])
     t = report["train"]
+    evaluated = "" if t.get("eval_loss_before") is None else \
+        f", eval loss {t['eval_loss_before']} -> {t['eval_loss_after']}"  # none without an eval split
     console.out.print(
         f"trained ({t['mode']}) {t['steps']} steps on {t['train_examples']} examples: "
-        f"train loss {t['train_loss_first']} -> {t['train_loss_last']}, eval loss {t['eval_loss_before']} -> {t['eval_loss_after']}"
+        f"train loss {t['train_loss_first']} -> {t['train_loss_last']}{evaluated}"
     )
     if t["masked_modules"]:
         console.out.print(f"held {t['masked_zeros']} zeros in {t['masked_modules']} linears fixed "

@@ -15,7 +15,7 @@ from draftkit.stages import LoadConfig, run_stage
 
 
 @handle_errors
-@config_options(cfg=Fields(ExportConfig), load=Fields(LoadConfig, exclude=("dtype", *LOAD_ONLY_STREAMED)), io=OUTPUT)
+@config_options(cfg=Fields(ExportConfig), load=Fields(LoadConfig, exclude=("dtype", "compute", *LOAD_ONLY_STREAMED)), io=OUTPUT)
 def export(model: ModelArg, *, cfg: dict, load: dict, io: Output) -> None:
     """Write a sparse (compressed-tensors sparse-bitmask) or dense safetensors checkpoint.
 

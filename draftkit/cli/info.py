@@ -1,4 +1,4 @@
-"""``draftkit inspect`` and ``draftkit models``."""
+"""``draftkit inspect`` (``draftkit models`` is in :mod:`draftkit.cli.models`: it imports no torch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from rich.table import Table
 from draftkit import console
 from draftkit.cli._common import JsonOpt, ModelArg, emit, handle_errors
 from draftkit.cli._options import Fields, config_options
-from draftkit.refs import ALIASES
 from draftkit.stages import LoadConfig
 
 
@@ -30,6 +29,11 @@ def _render(r: dict) -> None:
     t.add_row("parameters", f"{r['parameters']:,}")
     t.add_row("linear sparsity", f"{r['linear_sparsity']:.1%}")
     t.add_row("per-layer sparsity", " ".join(f"{s:.0%}" for s in r["layer_sparsity"]))
+    if r.get("experts"):
+        e = r["experts"]
+        t.add_row("experts per layer", f"{' '.join(map(str, e['experts_per_layer']))} (top-{e['top_k']} per token"
+                  + (", plus shared experts)" if e["shared_experts"] else ")"))
+        t.add_row("active parameters per token", f"{e['active_parameters_per_token']:,}")
     prov = r.get("provenance")
     if prov:
         chain = []
@@ -38,19 +42,3 @@ def _render(r: dict) -> None:
             prov = prov.get("parent")
         t.add_row("draftkit stages", " <- ".join(chain))
     console.out.print(t)
-
-
-@handle_errors
-def models(json: JsonOpt = False) -> None:
-    """List the short model names draftkit accepts and the hub ids they stand for."""
-    from draftkit.resources import DEMO_TEACHER_NAME, demo_teacher
-
-    data = {**ALIASES, DEMO_TEACHER_NAME: str(demo_teacher())}
-
-    def render(d):
-        t = Table("alias", "hub id or shipped folder")
-        for k, v in d.items():
-            t.add_row(k, v)
-        console.out.print(t)
-
-    emit(data, json, render)

@@ -37,6 +37,8 @@ def prune(
       draftkit prune examples/tiny/teacher --layers 2 --calib examples/tiny/data/train.jsonl --samples 64
 
       draftkit prune MODEL --drop 20-25            (explicit, inclusive indices; no calibration)
+
+      draftkit prune qwen3-moe-model --experts 0.5 --layers 2   (REAP: half the experts of every MoE layer)
     """
     console.set_quiet(io.quiet)
     config = build(PruneConfig, **cfg, calib=build(CalibConfig, "calib", **calib))
@@ -69,8 +71,14 @@ def _render(report: dict) -> None:
             style = "bold green" if chosen else None
             t.add_row(f"{d['start']}-{d['end']}", f"{d['distance']:.4f}", f"{bi[d['start']]:.4f}" if bi else "", style=style)
         console.out.print(t)
+    experts = report.get("experts")
+    if experts:
+        console.out.print(f"experts removed ({experts['method']}): {experts['experts_before']} -> "
+                          f"{experts['experts_after']} per MoE layer, kept: "
+                          + "; ".join(f"{n}: {v['kept']}" for n, v in experts["layers"].items()))
+    what = f"dropped layers {sorted(dropped)} ({report['method']})" if report["method"] else "no layer dropped"
     console.out.print(
-        f"dropped layers {sorted(dropped)} ({report['method']}): {report['layers_before']} -> {report['layers_after']} layers, "
+        f"{what}: {report['layers_before']} -> {report['layers_after']} layers, "
         f"{report['params_before'] / 1e6:.2f}M -> {report['params_after'] / 1e6:.2f}M parameters"
     )
     console.out.print(f"saved to {report['output']} in {report['total_seconds']:.1f}s")

@@ -24,6 +24,10 @@ def run(
     from_stage: Annotated[str | None, typer.Option("--from", help="rerun from this stage (name, index or NN-name)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="check everything and print the plan (each stage: run or "
                                           "skip and why, estimated time and memory); run nothing, write nothing")] = False,
+    compare: Annotated[list[str] | None, typer.Option(
+        "--compare", help="an earlier run of the recipe (its folder or report.json) to compare with: the target's own "
+        "scores apart from the draft's, so a regression is attributed; max_regression gates; repeat for a history, "
+        "oldest first")] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -41,7 +45,10 @@ def run(
 
       draftkit run my.yaml --set stages.1.sparsify.sparsity=0.7 --from sparsify
 
-    Exit codes: 0 success, 2 invalid input, 3 a quality gate failed, 1 internal error.
+      draftkit run my.yaml --set model=/ckpt/tonight --set output=runs/tonight --compare runs/last-night
+
+    Exit codes: 0 success, 2 invalid input, 3 a quality gate failed, 1 internal error, 130 interrupted (Ctrl-C),
+    143 terminated (SIGTERM); after 130 or 143 the next run resumes.
     """
     from draftkit.pipeline import run as run_pipeline
     from draftkit.recipe import load_recipe
@@ -53,7 +60,7 @@ def run(
         emit(run_pipeline(rec, from_stage=from_stage, dry_run=True), json, _render_plan)
         return
     try:
-        report = run_pipeline(rec, from_stage=from_stage)
+        report = run_pipeline(rec, from_stage=from_stage, compare=compare)
     except GateFailedError as exc:
         emit(exc.report, json, render)  # type: ignore[attr-defined]
         raise

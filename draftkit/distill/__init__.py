@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit.answers import extract_answer
+from draftkit.compute import load_dtype
 from draftkit.distill.config import DistillConfig, parse_columns
 from draftkit.distill.engines import check_vllm
 from draftkit.distill.regenerate import ROWS_FILE, HFEngine, load_examples, regenerate
@@ -74,12 +75,17 @@ def distill_model(model, tokenizer, cfg: DistillConfig) -> tuple[Any, dict[str, 
     report: dict[str, Any] = {"work_dir": None if temp else str(work), "regenerated": cfg.regenerate}
     try:
         if cfg.regenerate:
+            from draftkit.reuse import keep_rows, restore_rows
+
+            # DRAFTKIT_CACHE: rows of the same teacher, data and settings from another run folder
+            shared = restore_rows(cfg, work / "data") if state.num_processes == 1 else None
             device = cfg.teacher_device or next(model.parameters()).device
             report["regenerate"] = regenerate(
-                cfg, work / "data", device=device, dtype=cfg.teacher_dtype or "auto",
+                cfg, work / "data", device=device, dtype=cfg.teacher_dtype or load_dtype() or "auto",
                 trust_remote_code=cfg.teacher_trust_remote_code, processes=state if state.num_processes > 1 else None,
                 restart_stale=True,  # the work folder's rows of another teacher or settings are regenerated
             )
+            keep_rows(shared, work / "data")
             _free_accelerator_memory()
             rows_cfg = cfg.model_copy(update={"dataset": str(work / "data" / ROWS_FILE), "columns": None, "limit": None})
             examples = load_examples(rows_cfg)

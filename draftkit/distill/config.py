@@ -75,7 +75,8 @@ class DistillConfig(BaseModel):
     work_dir: str | None = Field(
         None,
         description="folder for rows.jsonl (regenerated data) and training checkpoints; re-running with the "
-        "same folder resumes; default: a temporary folder",
+        "same folder resumes; default: OUT-work beside the output (`draftkit distill`), NN-distill.work in a "
+        "recipe run, a temporary folder from Python",
     )
 
     # ---- training ----------------------------------------------------------------------------

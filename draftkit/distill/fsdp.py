@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from draftkit.errors import DraftkitError, InvalidInputError
-from draftkit.sparsify.masks import apply_masks
+from draftkit.sparsify.masks import apply_masks, masked_weight
 
 __all__ = ["MaskHold", "check_fsdp", "gather_full_model", "is_sharded", "shard_for_fsdp"]
 
@@ -85,10 +85,9 @@ class MaskHold:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> None:
-        modules = dict(model.named_modules())
         plain = {}
         for name, keep in self.masks.items():
-            w = modules[name].weight
+            w = masked_weight(model, name)
             if _is_dtensor(w):
                 local = self._local.get(name)
                 if local is None:

@@ -17,18 +17,23 @@ from torch.utils.checkpoint import checkpoint
 from draftkit.data import render_chat
 from draftkit.distill.rows import has_chat_template
 from draftkit.errors import InvalidInputError
+from draftkit.textcap import TextCap
 
 IGNORE = -100
 DEFAULT_CHUNK = 512
 
 
-def tokenize_example(tokenizer, prompt: list[dict[str, str]], response: str, max_length: int) -> dict[str, list[int]]:
+def tokenize_example(tokenizer, prompt: list[dict[str, str]], response: str, max_length: int,
+                     cap: TextCap | None = None) -> dict[str, list[int]]:
     """``input_ids`` of prompt + response in the chat template, and ``labels`` that are -100 on the prompt.
 
     The prompt (with the generation prompt, e.g. ``<|assistant|>\\n``) and the rest of the rendered
     conversation (the response and the template's end-of-turn) are tokenized separately, so the boundary is
     exact. Without a chat template the plain ``User:/Assistant:`` form is used and EOS closes the response.
+    Texts longer than ``max_length`` tokens can hold are cut as text first (``cap`` counts them for one line).
     """
+    cap = cap or TextCap(tokenizer, max_length)
+    prompt, response = cap.messages(prompt), cap(response)
     chat = has_chat_template(tokenizer)
     prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
     if chat:

@@ -134,6 +134,8 @@ def wrap_lora(model: nn.Module, cfg: DistillConfig, masks: dict[str, torch.Tenso
     peft_model = get_peft_model(model, lcfg)
     modules = dict(peft_model.get_base_model().named_modules())
     for name, keep in masks.items():
+        if name not in modules:  # a fused expert parameter: no adapter, frozen, its zeros stay
+            continue
         layer = modules[name]
         layer.register_buffer("draftkit_keep", keep.to(layer.base_layer.weight.device), persistent=False)
         layer.forward = types.MethodType(_masked_lora_forward, layer)

@@ -32,6 +32,7 @@ from draftkit.distill.rows import (
 from draftkit.distill.templates import accept, template_hash
 from draftkit.errors import DataError, InvalidInputError
 from draftkit.io import atomic_write_json, atomic_write_text
+from draftkit.textcap import TextCap
 
 PART_GLOB = "rows.part-*.jsonl"
 
@@ -220,7 +221,9 @@ def _generate_rows(cfg: DistillConfig, todo: list[Example], path: Path, keys: di
         model, tok = load_model_and_tokenizer(cfg.teacher, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code)
     if not has_chat_template(tok):
         console.warn(f"teacher {cfg.teacher} has no chat template: using a plain 'User: ... Assistant:' prompt")
-    prompts = [teacher_prompt_ids(tok, e, cfg.template) for e in todo]
+    cap = TextCap(tok, cfg.max_length, str(cfg.dataset))  # a prompt training can never use whole is cut as text
+    prompts = [teacher_prompt_ids(tok, e, cfg.template, cap) for e in todo]
+    cap.report()
     if cfg.engine == "vllm":
         engine = VLLMEngine(cfg.teacher, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, seed=cfg.seed, tensor_parallel=cfg.tensor_parallel, dtype=dtype,

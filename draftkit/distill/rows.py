@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
-from draftkit.data import detect_columns, normalise_messages, read_rows, render_chat
+from draftkit.data import detect_columns, normalise_messages, read_rows, render_chat, row_place
 from draftkit.distill.config import COLUMNS_SYNTAX, DistillConfig
 from draftkit.distill.templates import fill_template
 from draftkit.errors import DataError
+from draftkit.textcap import TextCap
 
 ROWS_FILE = "rows.jsonl"
 REPORT_FILE = "regenerate.json"
@@ -64,7 +65,7 @@ def load_examples(cfg: DistillConfig) -> list[Example]:
         )
     examples = []
     for i, row in enumerate(rows):
-        prompt, reference = _split_row(row, mapping)
+        prompt, reference = _split_row(row, mapping, row_place(rows, i))
         if prompt is None or not reference.strip():
             continue
         key = hashlib.sha256(json.dumps([prompt, reference], sort_keys=True).encode()).hexdigest()[:12]
@@ -74,9 +75,9 @@ def load_examples(cfg: DistillConfig) -> list[Example]:
     return examples
 
 
-def _split_row(row: dict[str, Any], mapping: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str]:
+def _split_row(row: dict[str, Any], mapping: dict[str, Any], where: str) -> tuple[list[dict[str, str]] | None, str]:
     if "messages" in mapping:
-        msgs = normalise_messages(row.get(mapping["messages"]))
+        msgs = normalise_messages(row.get(mapping["messages"]), where)
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is None or last == 0 or msgs[last - 1]["role"] != "user":
             return None, ""
@@ -97,10 +98,12 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def teacher_prompt_ids(tokenizer, example: Example, template: str) -> list[int]:
+def teacher_prompt_ids(tokenizer, example: Example, template: str, cap: TextCap | None = None) -> list[int]:
     """Token ids of the teacher's prompt: the filled template as the last user turn, through the teacher's
-    chat template (or the plain ``User:/Assistant:`` fallback, with the tokenizer's BOS)."""
+    chat template (or the plain ``User:/Assistant:`` fallback, with the tokenizer's BOS). With ``cap``, texts
+    longer than training can ever use are cut as text first."""
     msgs = [*example.prompt[:-1], {"role": "user", "content": fill_template(template, example.instruction, example.reference)}]
+    msgs = cap.messages(msgs) if cap is not None else msgs
     text = render_chat(tokenizer, msgs, add_generation_prompt=True)
     if not has_chat_template(tokenizer):
         text += " "

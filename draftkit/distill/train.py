@@ -50,9 +50,11 @@ from draftkit.distill.prepare import (
 )
 from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
+from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
 from draftkit.memory import gb
-from draftkit.sparsify.masks import extract_masks
+from draftkit.sparsify.masks import extract_masks, masked_weight
+from draftkit.textcap import TextCap
 
 __all__ = ["IGNORE", "MASK_MIN_SPARSITY", "TrainingDivergedError", "collate", "response_loss", "tokenize_example",
            "train_model", "train_sequences"]
@@ -150,7 +152,9 @@ def train_model(model: nn.Module, tokenizer, examples: list[Example], cfg: Disti
     if not examples:
         raise DataError("no training examples")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    encoded = [tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length) for e in examples]
+    cap = TextCap(tokenizer, cfg.max_length, str(cfg.dataset or "the training rows"))
+    encoded = [tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length, cap) for e in examples]
+    cap.report()
     encoded = [e for e in encoded if any(t != IGNORE for t in e["labels"][1:])]
     if not encoded:
         raise DataError(f"every example is longer than max_length={cfg.max_length} before its response: raise --max-length")
@@ -352,8 +356,8 @@ def _token_share(batch: dict[str, torch.Tensor], accelerator) -> torch.Tensor:
 
 def _changed_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Positions that were zero before training (``~mask``, taken from the weights then) and are not now."""
-    modules = dict(model.named_modules())
-    return sum(int(((modules[n].weight != 0) & ~m.to(modules[n].weight.device)).sum()) for n, m in masks.items())
+    weights = {n: masked_weight(model, n) for n in masks}
+    return sum(int(((weights[n] != 0) & ~m.to(weights[n].device)).sum()) for n, m in masks.items())
 
 
 def _save_checkpoint(root: Path, epoch: int, step: int, history, keys: dict[str, str], accelerator) -> None:
@@ -378,7 +382,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
     for d in root.glob("epoch-*"):
         try:
             info = json.loads((d / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, RecursionError):
             continue
         found.append((info["epoch"], d, info))
     if not found:
@@ -389,6 +393,7 @@ def _resume(root: Path, fingerprint: str, student: str, accelerator) -> tuple[in
                if info["student"] != student else "other settings or data")
         console.warn(f"ignoring checkpoint {path}: it was made from {why}; training starts afresh")
         return 0, 0, []
-    accelerator.load_state(str(path))
+    with reading(path, "training checkpoint", f"delete {path} to train afresh (or rerun with --overwrite)"):
+        accelerator.load_state(str(path))
     console.info(f"resuming training from {path} (epoch {epoch}, step {info['step']})")
     return epoch, info["step"], info.get("history", [])

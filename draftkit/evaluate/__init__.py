@@ -35,7 +35,8 @@ class EvalConfig(BaseModel):
         description="tasks to run: tiny-arith (offline demo task) or any lm-eval task name (needs draftkit[eval])",
     )
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples for lm-eval tasks (task default if unset)")
-    limit: int | None = Field(None, ge=1, description="evaluate at most this many examples per task")
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many examples per task (--ppl: the "
+                              "file's first rows, or a .txt file's first paragraphs)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass / generate call")
     ppl: str | None = Field(
         None, description="local .txt/.jsonl file to measure perplexity on (response tokens of chat rows; "
@@ -50,14 +51,22 @@ class EvalConfig(BaseModel):
     min_recovery: float | None = Field(
         None, gt=0, description="fail (exit code 3) when the mean recovery against the baseline is below this"
     )
+    min_task_recovery: float | None = Field(
+        None, gt=0, description="fail (exit code 3) when any one task's recovery against the baseline is below this"
+    )
+    max_regression: float | None = Field(
+        None, gt=0, lt=1, description="fail (exit code 3) when the mean recovery fell by more than this fraction "
+        "from the last run (a recipe run with --compare)"
+    )
     cache: bool = Field(True, description="reuse baseline results cached by model hash and settings")
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         if not self.tasks and not self.ppl:
             raise ValueError("nothing to evaluate: pass --tasks (e.g. tiny-arith) and/or --ppl FILE")
-        if self.min_recovery is not None and not self.baseline:
-            raise ValueError("--min-recovery needs --baseline (the model to recover against)")
+        for gate in ("min_recovery", "min_task_recovery", "max_regression"):
+            if getattr(self, gate) is not None and not self.baseline:
+                raise ValueError(f"--{gate.replace('_', '-')} needs --baseline (the model to recover against)")
         dup = {t for t in self.tasks if self.tasks.count(t) > 1}
         if dup:
             raise ValueError(f"task(s) listed twice: {', '.join(sorted(dup))}")
@@ -75,6 +84,10 @@ def check_eval(hf_config, cfg: EvalConfig) -> None:
         if path and not Path(path).is_file():
             raise DataError(f"{name} file {path} does not exist")
     check_tasks(cfg.lm_eval_tasks(), cfg.include_path, local=LOCAL_TASKS + (f"--ppl ({PPL_TASK})",))
+    if cfg.lm_eval_tasks():
+        from draftkit.hub import offline_if_unreachable
+
+        offline_if_unreachable()  # without network the tasks' datasets come from the cache or fail at once
     if cfg.baseline:
         from draftkit.refs import resolve_model_ref
 
@@ -100,7 +113,7 @@ def run_tasks(model, tokenizer, cfg: EvalConfig) -> dict[str, dict[str, float]]:
         from draftkit.evaluate.perplexity import perplexity
 
         results[PPL_TASK] = perplexity(model, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
-                                       batch_size=cfg.batch_size)
+                                       batch_size=cfg.batch_size, limit=cfg.limit)
     return results
 
 
@@ -204,7 +217,9 @@ def streamed_eval_stage(model_name: str, load, estimate, plan):
 
     def run(_model, tokenizer, cfg: EvalConfig):
         results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
-        dtype = load.dtype if load.dtype != "auto" else None
+        from draftkit.compute import load_dtype
+
+        dtype = load_dtype(load.dtype if load.dtype != "auto" else None)  # the baseline runs as this model did
         report = evaluate(None, tokenizer, cfg, device=load.device, results=results, dtype=dtype)
         report["streamed"] = True
         report["memory_estimate_gb"] = estimate_facts(estimate)
@@ -248,16 +263,9 @@ def evaluate(model, tokenizer, cfg: EvalConfig, *, device: str = "cpu", results:
         report["baseline"] = {"model": cfg.baseline, "tasks": base, "cached": cached}
         report["recovery"] = rec
         report["mean_recovery"] = mean
-        if cfg.min_recovery is not None:
-            passed = mean is not None and mean >= cfg.min_recovery
-            shown = f"{mean:.4f}" if mean is not None else "n/a"
-            report["gate"] = {
-                "min_recovery": cfg.min_recovery,
-                "mean_recovery": mean,
-                "passed": passed,
-                "message": f"quality gate {'passed' if passed else 'failed'}: mean recovery {shown} "
-                f"{'>=' if passed else '<'} --min-recovery {cfg.min_recovery}",
-            }
+    from draftkit.gates import judge
+
+    judge("eval", cfg, report)  # min_recovery (mean), min_task_recovery (each task): report["gates"], ["passed"]
     return report
 
 

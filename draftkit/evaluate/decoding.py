@@ -54,8 +54,11 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, drafts: list[int],
 @torch.no_grad()
 def speculative_generate(target: nn.Module, proposer, prompt_ids: list[int], *, k: int, max_new_tokens: int,
                          eos_token_id: int | None = None, timer: Timer | None = None, temperature: float = 0.0,
-                         generator: torch.Generator | None = None) -> dict[str, Any]:
+                         generator: torch.Generator | None = None, controller=None) -> dict[str, Any]:
     """Speculative decoding of one prompt (greedy, or speculative sampling when ``temperature > 0``).
+
+    ``controller`` (a :class:`~draftkit.evaluate.dynamic.TapOut`) picks each step's stopping policy, ``k`` being
+    the most proposals a step makes, and is told each step's outcome.
 
     Returns ``{"tokens": committed ids, "steps": [(proposed, accepted), ...], "target_forwards": n}``.
     """
@@ -70,7 +73,9 @@ def speculative_generate(target: nn.Module, proposer, prompt_ids: list[int], *, 
     generated: list[int] = []
     while len(generated) < max_new_tokens:
         n = min(k, max_new_tokens - len(generated) - 1)
-        drafts = proposer.propose(seq, n) if n > 0 else []
+        arm = controller.select() if controller is not None and n > 0 else None
+        stop = controller.stop_rule(arm) if arm is not None else None
+        drafts = proposer.propose(seq, n, stop) if n > 0 else []
         feed = seq[t_len:] + drafts
         logits = forward(target, feed, cache, timer)[len(feed) - len(drafts) - 1:]
         if temperature > 0:
@@ -87,6 +92,8 @@ def speculative_generate(target: nn.Module, proposer, prompt_ids: list[int], *, 
         crop(cache, len(seq) + a)  # keep the committed tokens and the accepted drafts; the last one is pending
         t_len = len(seq) + a
         steps.append((len(drafts), a))
+        if arm is not None:
+            controller.update(arm, len(drafts), a, cap=n)
         stop = False
         if eos_token_id is not None and eos_token_id in new:
             new = new[: new.index(eos_token_id) + 1]

@@ -9,7 +9,7 @@ import difflib
 import functools
 from typing import Any
 
-from draftkit.errors import InvalidInputError
+from draftkit.errors import DataError, InvalidInputError
 
 
 def available() -> bool:
@@ -108,10 +108,19 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, num_fewshot: int | None =
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from draftkit.hub import offline_if_unreachable, unreachable_hint
+
     device = str(next(model.parameters()).device)
+    offline = offline_if_unreachable()  # the tasks' datasets from the local cache, or one line at once
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-        task_manager=_task_manager(include_path, tuple(tasks)), log_samples=False, bootstrap_iters=0,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+            task_manager=_task_manager(include_path, tuple(tasks)), log_samples=False, bootstrap_iters=0,
+        )
+    except OSError as exc:  # ConnectionError, offline mode, a dataset not found: the tasks' data, not a bug
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        where = f"it is not in the local cache and {unreachable_hint()}" if offline else first
+        raise DataError(f"lm-eval task(s) {', '.join(tasks)}: a dataset could not be loaded ({where}); run them "
+                        "once where there is network, or pass --include-path with task YAMLs on local files") from None
     return aggregate(results or {}, list(tasks))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from draftkit import console
-from draftkit.data import RENAME_FIX, detect_columns, read_rows, row_messages
+from draftkit.data import RENAME_FIX, detect_columns, read_rows, row_messages, row_place
 from draftkit.errors import DataError
 from draftkit.memory import heavy_work_starts
 from draftkit.modeling import text_config
@@ -56,19 +56,23 @@ class PerplexityPlan:
 
 
 def perplexity(model, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
-               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Perplexity of ``model`` on a local file or a list of rows (see the module docstring).
+               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+               limit: int | None = None) -> dict[str, Any]:
+    """Perplexity of ``model`` on a local file or a list of rows (see the module docstring); ``limit``: the
+    first rows only (chat rows, or a .txt file's paragraphs).
 
     Returns ``{"perplexity", "tokens" (scored), "scored": "response" | "all", ...}``.
     """
     plan = plan_perplexity(model.config, tokenizer, source, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
-                           batch_size=batch_size)
+                           batch_size=batch_size, limit=limit)
     return resident_perplexity(model, plan)
 
 
 def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
-                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8) -> PerplexityPlan:
-    """Tokenize ``source`` into the batches of a perplexity run; ``config`` (the model's) caps ``seqlen``.
+                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
+                    limit: int | None = None) -> PerplexityPlan:
+    """Tokenize ``source`` (its first ``limit`` rows) into the batches of a perplexity run; ``config`` (the
+    model's) caps ``seqlen``.
 
     Raises:
         DataError: the file is missing, or it holds nothing to score.
@@ -76,6 +80,8 @@ def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]]
     max_pos = getattr(text_config(config), "max_position_embeddings", None) or seqlen
     seqlen = min(seqlen, max_pos)
     rows, name, plain = _rows(source)
+    if limit is not None:
+        rows = rows[:limit]
     if not plain:
         mapping = detect_columns(rows, fix=RENAME_FIX)
         if "text" not in mapping:
@@ -98,25 +104,29 @@ def _rows(source) -> tuple[list[dict[str, Any]], str, bool]:
     return read_rows(str(path)), str(path), path.suffix.lower() == ".txt"
 
 
-def response_labels(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]]:
+def response_labels(tokenizer, messages: list[dict[str, str]], max_length: int, cap=None) -> dict[str, list[int]]:
     """Token ids of a conversation and labels that are -100 everywhere but the last (assistant) turn."""
     from draftkit.distill.loss import tokenize_example
 
-    return tokenize_example(tokenizer, messages[:-1], messages[-1]["content"], max_length)
+    return tokenize_example(tokenizer, messages[:-1], messages[-1]["content"], max_length, cap)
 
 
 def _response_batches(tokenizer, rows, mapping, name: str, *, seqlen: int, max_tokens: int | None,
                       batch_size: int) -> PerplexityPlan:
     """Chat rows: one conversation per sequence, right-padded (so positions, and RoPE, are those of an
     unpadded row), the response tokens scored."""
+    from draftkit.textcap import TextCap
+
     encoded = []
-    for r in rows:
-        msgs = row_messages(r, mapping)
+    cap = TextCap(tokenizer, seqlen, name)
+    for i, r in enumerate(rows):
+        msgs = row_messages(r, mapping, row_place(rows, i))
         if not msgs or msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
             continue
-        enc = response_labels(tokenizer, msgs, seqlen)
+        enc = response_labels(tokenizer, msgs, seqlen, cap)
         if any(t != IGNORE for t in enc["labels"][1:]):
             encoded.append(enc)
+    cap.report()
     if not encoded:
         raise DataError(f"{name}: no row has a response to score")
     from draftkit.distill.loss import collate
@@ -138,6 +148,10 @@ def _text_windows(tokenizer, text: str, name: str, *, seqlen: int, stride: int |
     (positions at or after the previous window's end), never position 0 of the stream."""
     bos = tokenizer.bos_token
     add_special = not (bos and text.startswith(bos))
+    if max_tokens:  # text beyond what max_tokens tokens can hold is never scored: cut it (silently: asked for)
+        from draftkit.textcap import TextCap
+
+        text = TextCap(tokenizer, max_tokens, name)(text)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special)["input_ids"][0]
     if max_tokens:
         ids = ids[:max_tokens]

@@ -107,7 +107,8 @@ class SameVocabProposer:
             forward(self.draft, seq[:-1], self.cache)
             self.cached = list(seq[:-1])
 
-    def propose(self, seq: list[int], n: int) -> list[int]:
+    def propose(self, seq: list[int], n: int, stop=None) -> list[int]:
+        """Up to ``n`` proposals; ``stop(logits)`` (a dynamic-length policy) may end them after any token."""
         self._sync(seq)
         out: list[int] = []
         self.probs = []
@@ -120,6 +121,8 @@ class SameVocabProposer:
             out.append(tok)
             if probs is not None:
                 self.probs.append(probs)
+            if stop is not None and len(out) < n and stop(logits[-1]):
+                break
             feed = [tok]
         return out
 
@@ -153,8 +156,8 @@ class TextProposer(SameVocabProposer):
     def prefill(self, seq: list[int]) -> None:
         super().prefill(self._draft_ids(seq))
 
-    def propose(self, seq: list[int], n: int) -> list[int]:
-        draft_ids = super().propose(self._draft_ids(seq), n)
+    def propose(self, seq: list[int], n: int, stop=None) -> list[int]:
+        draft_ids = super().propose(self._draft_ids(seq), n, stop)
         gen = seq[self.prompt_len:]
         gen_text = self.target_tok.decode(gen, skip_special_tokens=False)
         proposal = self.draft_tok.decode(draft_ids, skip_special_tokens=False)

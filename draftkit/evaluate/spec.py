@@ -22,15 +22,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from draftkit import console
+from draftkit.data import model_max_length
 from draftkit.errors import DataError, InvalidInputError
 from draftkit.evaluate.acceptance import acceptance_stats
 from draftkit.evaluate.cost import expected_speedup, macs_per_token
 from draftkit.evaluate.decoding import greedy_generate, speculative_accept, speculative_generate
+from draftkit.evaluate.dynamic import TapOut
+from draftkit.evaluate.engines import check_vllm, describe_device, run_hf, run_vllm
+from draftkit.evaluate.payoff import compare, cost_model, dynamic_summary
 from draftkit.evaluate.proposers import SameVocabProposer, TextProposer, Timer, encode_prompt
+from draftkit.textcap import TextCap
 
 _Timer = Timer  # the name before the split
 
@@ -57,7 +62,15 @@ class SpecConfig(BaseModel):
     split: str = Field("train", description="dataset split when prompts is a hub dataset")
     column: str | None = Field(None, description="column holding the prompts (default: the first of "
                                "messages, prompt, question, instruction, text...); a list of turns uses the first")
-    k: int = Field(4, ge=1, description="tokens the draft proposes per step")
+    k: int | Literal["dynamic"] = Field(
+        4, description="tokens the draft proposes per step, or dynamic: a bandit over stopping policies picks each "
+        "step's length, at most --k-max (TapOut; draftkit engine)")
+    k_max: int = Field(8, ge=1, description="with --k dynamic: the most tokens one step proposes")
+    engine: Literal["draftkit", "hf", "vllm"] = Field(
+        "draftkit", description="where the speedup is measured: draftkit (its own loop, the reference for MAL), hf "
+        "(transformers assisted generation) or vllm (needs vLLM and a GPU); MAL always comes from draftkit's loop")
+    repeats: int = Field(3, ge=1, description="timed passes over all prompts of the target alone and with the draft "
+                         "(engines hf and vllm), after one warm-up")
     max_new_tokens: int = Field(128, ge=1, description="tokens to generate per prompt")
     limit: int | None = Field(None, ge=1, description="use at most this many prompts")
     mode: Literal["auto", "same", "text"] = Field(
@@ -73,6 +86,36 @@ class SpecConfig(BaseModel):
         "rule of Leviathan et al. 2023), same vocabulary only"
     )
     seed: int = Field(0, description="seed of the sampling (with --temperature > 0)")
+    # quality gates (draftkit.gates): judged on the report, not part of the stage's fingerprint
+    min_mal: float | None = Field(None, gt=0, description="fail (exit code 3) when the MAL (committed tokens per "
+                                  "target forward, `mal`) is below this")
+    min_acceptance: float | None = Field(None, gt=0, le=1, description="fail (exit code 3) when the acceptance rate "
+                                         "(accepted / proposed draft tokens) is below this")
+    min_speedup: float | None = Field(None, gt=0, description="fail (exit code 3) when the speedup an engine measured "
+                                      "(--engine hf or vllm) is below this")
+    max_regression: float | None = Field(None, gt=0, lt=1, description="fail (exit code 3) when the MAL fell by more "
+                                         "than this fraction from the last run (a recipe run with --compare)")
+
+    @model_validator(mode="after")
+    def _gates(self) -> SpecConfig:
+        if self.min_speedup is not None and getattr(self, "engine", "draftkit") == "draftkit":
+            raise ValueError("--min-speedup gates the speedup a serving engine measured: add --engine hf (or vllm); "
+                             "draftkit's own loop gives MAL (--min-mal)")
+        return self
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k(cls, value):
+        """A whole number >= 1 (the command line gives text) or ``dynamic``; one message for both."""
+        if value == "dynamic":
+            return value
+        try:
+            k = int(value) if not isinstance(value, float) or value.is_integer() else None
+        except (TypeError, ValueError):
+            k = None
+        if isinstance(value, bool) or k is None or k < 1:
+            raise ValueError("must be a whole number >= 1 or 'dynamic'")
+        return k
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +127,7 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
                  column: str | None = None) -> list[str]:
     """Prompt texts from a file or a hub dataset, rendered with ``tokenizer``'s chat template when rows are
     chat-like. A prompt given as a list of turns (MT-Bench) uses its first turn."""
-    from draftkit.data import normalise_messages, read_rows, render_chat
+    from draftkit.data import normalise_messages, read_rows, render_chat, row_place
 
     if not _is_prompt_source(path):
         raise DataError(f"prompts file {path} does not exist")
@@ -99,14 +142,14 @@ def read_prompts(path: str, tokenizer, *, chat: bool = True, limit: int | None =
         )
     use_chat = chat and col != "text" and bool(getattr(tokenizer, "chat_template", None))
     out = []
-    for r in rows[:limit] if limit else rows:
+    for i, r in enumerate(rows[:limit] if limit else rows):
         value = r.get(col)
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             value = value[0]  # multi-turn prompts (MT-Bench): the first turn
         if not value:
             continue
         if isinstance(value, list):
-            msgs = normalise_messages(value)
+            msgs = normalise_messages(value, row_place(rows, i))
             while msgs and msgs[-1]["role"] == "assistant":
                 msgs.pop()
             out.append(render_chat(tokenizer, msgs, add_generation_prompt=True) if use_chat
@@ -158,12 +201,19 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
     """Speculative decoding over the prompts file; returns the report."""
     mode = vocab_mode(draft_tok, target_tok, cfg.mode)
     sampling = cfg.temperature > 0
+    check_engine(cfg)
+    dynamic = cfg.k == "dynamic"
+    k = cfg.k_max if dynamic else int(cfg.k)
+    controller = TapOut(k) if dynamic else None
     if sampling and mode != "same":
         raise InvalidInputError(
             "--temperature > 0 needs the draft's probabilities over the target's vocabulary: use a draft with the "
             "target's tokenizer, or --temperature 0 (greedy) with --mode text"
         )
     prompts = read_prompts(cfg.prompts, target_tok, chat=cfg.chat, limit=cfg.limit, split=cfg.split, column=cfg.column)
+    cap = TextCap(target_tok, model_max_length(target) or 131072, str(cfg.prompts))  # beyond the context: cut as text
+    prompts = [cap(p) for p in prompts]
+    cap.report()
     if mode == "text":
         check_text_fallback(draft_tok, prompts)
     elif draft.get_output_embeddings().weight.shape[0] < target.get_output_embeddings().weight.shape[0]:
@@ -177,15 +227,18 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
     lossless: list[bool] = []
     spec_seconds = greedy_seconds = 0.0
     context = []
+    pairs: list[tuple[list[int], list[int]]] = []  # (target ids, draft ids) of each prompt
     for text in console.track(prompts, f"speculative decoding (k={cfg.k}, {mode} vocabulary)"):
         ids = encode_prompt(target_tok, text)
+        pairs.append((ids, ids if mode == "same" else encode_prompt(draft_tok, text)))
         if mode == "same":
             proposer = SameVocabProposer(draft, draft_timer, temperature=cfg.temperature, generator=gen)
         else:
             proposer = TextProposer(draft, draft_timer, draft_tok, target_tok, text, len(ids))
         t0 = time.perf_counter()
-        res = speculative_generate(target, proposer, ids, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                                   eos_token_id=eos, timer=verify_timer, temperature=cfg.temperature, generator=gen)
+        res = speculative_generate(target, proposer, ids, k=k, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                                   timer=verify_timer, temperature=cfg.temperature, generator=gen,
+                                   controller=controller)
         spec_seconds += time.perf_counter() - t0
         committed += len(res["tokens"])
         draft_forwards += proposer.forwards
@@ -196,7 +249,7 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
             ref = greedy_generate(target, ids, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, timer=decode_timer)
             greedy_seconds += time.perf_counter() - t0
             lossless.append(ref == res["tokens"])
-    stats = acceptance_stats(steps, cfg.k, committed)
+    stats = acceptance_stats(steps, k, committed)
     ctx = int(statistics.fmean(context)) if context else 0
     macs_ratio = macs_per_token(draft, ctx) / macs_per_token(target, ctx)
     d_ms, v_ms, t_ms = draft_timer.median_ms(), verify_timer.median_ms(), decode_timer.median_ms()
@@ -209,7 +262,7 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
         "draft_forwards": draft_forwards,
         "cost_ratio_macs": macs_ratio,
         "cost_ratio_macs_nonzero": macs_per_token(draft, ctx, nonzero=True) / macs_per_token(target, ctx, nonzero=True),
-        "expected_speedup_macs": expected_speedup(stats["mal"], cfg.k, macs_ratio),
+        "expected_speedup_macs": expected_speedup(stats["mal"], k, macs_ratio),
         # Like against like: one-token decode forwards of each model, prompt prefill excluded on both sides.
         "draft_forward_ms": d_ms,
         "target_forward_ms": t_ms,
@@ -224,7 +277,54 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
         report["lossless_prompts"] = sum(lossless)
         report["target_greedy_seconds"] = greedy_seconds
         report["measured_speedup"] = greedy_seconds / spec_seconds if spec_seconds else None
+    if dynamic:
+        report.update(k_max=k, tokens_per_target_forward=stats["mal"], **dynamic_summary(controller, steps))
+    report["cost_model"] = cost_model(draft, target, pairs, k=k, alpha=stats["acceptance_by_position"],
+                                      steps=steps if dynamic else None)
+    report.update(engine=cfg.engine, device=describe_device(target), dtype=str(next(target.parameters()).dtype).replace(
+        "torch.", ""), repeats=1, speedup=report.get("measured_speedup"))
+    if cfg.engine == "hf":
+        report.update(run_hf(draft, draft_tok, target, target_tok, [t for t, _ in pairs], k=k,
+                             max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, mode=mode, repeats=cfg.repeats))
+    elif cfg.engine == "vllm":
+        report.update(run_vllm(_model_dir(draft, draft_tok), _target_ref(cfg), [t for t, _ in pairs], k=k,
+                               max_new_tokens=cfg.max_new_tokens, stop_at_eos=cfg.stop_at_eos, repeats=cfg.repeats,
+                               dtype=report["dtype"], trust_remote_code=cfg._trust_remote_code))
+    report["predicted_speedup"] = report["cost_model"].get("predicted_speedup")
+    report.update(compare(report["speedup"], report["predicted_speedup"]))
     return report
+
+
+def check_engine(cfg: SpecConfig) -> None:
+    """The engine can run these settings (before any weights load)."""
+    if cfg.engine == "draftkit":
+        return
+    if cfg.k == "dynamic":
+        raise InvalidInputError(f"--k dynamic runs in draftkit's loop only: use --engine draftkit, or an integer "
+                                f"--k with --engine {cfg.engine}")
+    if cfg.temperature > 0:
+        raise InvalidInputError(f"--engine {cfg.engine} measures greedy decoding: use --temperature 0, or --engine draftkit")
+    if cfg.engine == "vllm":
+        check_vllm()
+
+
+def _target_ref(cfg: SpecConfig) -> str:
+    from draftkit.refs import resolve_model_ref
+
+    return resolve_model_ref(cfg.target).location  # a folder, a .gguf file (vLLM reads GGUF) or a hub id
+
+
+def _model_dir(model: nn.Module, tokenizer) -> str:
+    """A folder vLLM can load the draft from: where it was read, else a saved copy (an in-memory recipe draft)."""
+    import tempfile
+
+    source = Path(getattr(model, "name_or_path", "") or "")
+    if source.is_dir() and (source / "config.json").is_file():
+        return str(source)
+    folder = tempfile.mkdtemp(prefix="draftkit-vllm-draft-")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def check_spec(hf_config, cfg: SpecConfig) -> None:
@@ -234,14 +334,18 @@ def check_spec(hf_config, cfg: SpecConfig) -> None:
     if not _is_prompt_source(cfg.prompts):
         raise DataError(f"prompts file {cfg.prompts} does not exist")
     resolve_model_ref(cfg.target)
+    check_engine(cfg)
 
 
 def spec_stage(model, tokenizer, cfg: SpecConfig):
     """Stage function: the loaded model is the draft; the target is loaded from ``cfg.target``."""
     from draftkit.checkpoint import load_model_and_tokenizer
+    from draftkit.compute import load_dtype
 
     # fail on a bad prompts file before the target loads
     read_prompts(cfg.prompts, tokenizer, chat=False, limit=1, split=cfg.split, column=cfg.column)
     device = str(next(model.parameters()).device)
-    target, target_tok = load_model_and_tokenizer(cfg.target, device=device, trust_remote_code=cfg._trust_remote_code)
+    # the target's greedy reference and its verification of the draft both run in this one compute dtype
+    target, target_tok = load_model_and_tokenizer(cfg.target, dtype=load_dtype() or "auto", device=device,
+                                                  trust_remote_code=cfg._trust_remote_code)
     return model, run_spec(model, tokenizer, target, target_tok, cfg)

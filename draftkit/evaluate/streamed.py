@@ -46,12 +46,12 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
     from draftkit.checkpoint import load_tokenizer
     from draftkit.distill.loss import DEFAULT_CHUNK  # scored positions per output projection
     from draftkit.modeling import text_config
-    from draftkit.streamed import checkpoint_facts, choose_streaming, load_dtype_bytes
+    from draftkit.streamed import checkpoint_facts, choose_streaming, compute_bytes, load_dtype_bytes
 
     config, device, can_stream, size = checkpoint_facts(model_name, load)
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
     plan = plan_perplexity(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, limit=cfg.limit)
     widest = max(b["input_ids"].numel() for b in plan.batches)
     total = sum(b["input_ids"].numel() for b in plan.batches)
     seqlen = max(b["input_ids"].shape[1] for b in plan.batches)
@@ -62,7 +62,7 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
         # resident: one batch's activations at a time; streamed: every batch's, between two layers
         e = estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=total if streamed else widest,
                             seqlen=seqlen, chunk_tokens=widest, sparsegpt=False,
-                            dtype_bytes=load_dtype_bytes(load, config))
+                            dtype_bytes=load_dtype_bytes(load, config), act_bytes=compute_bytes())
         e.parts["logits"] = logits
         if e.device:
             e.device += logits
@@ -87,7 +87,8 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
     batches = plan.batches
     source.load_outside()
     inputs = capture_layer_inputs(source.model, [b["input_ids"] for b in batches], device=source.device,
-                                  masks=[b.get("attention_mask") for b in batches], store=source.store)
+                                  masks=[b.get("attention_mask") for b in batches], store=source.store,
+                                  dtype=source.masters.dtype)
     source.free_outside()
     hidden = inputs.hidden
     store = source.store

@@ -11,7 +11,7 @@ import torch
 
 from draftkit import console
 from draftkit.answers import extract_answer
-from draftkit.data import RENAME_FIX, detect_columns, read_rows, render_chat, row_messages
+from draftkit.data import RENAME_FIX, detect_columns, read_rows, render_chat, row_messages, row_place
 from draftkit.errors import DataError
 from draftkit.evaluate.perplexity import perplexity
 from draftkit.resources import demo_data
@@ -50,8 +50,8 @@ def tiny_arith(model, tokenizer, *, data: str | Path | None = None, limit: int |
         for s in console.track(range(0, len(rows), batch_size), "tiny-arith", total=math.ceil(len(rows) / batch_size)):
             chunk = rows[s : s + batch_size]
             prompts, refs = [], []
-            for r in chunk:
-                msgs = row_messages(r, mapping)
+            for j, r in enumerate(chunk):
+                msgs = row_messages(r, mapping, row_place(rows, s + j))
                 prompts.append(render_chat(tokenizer, msgs[:-1], add_generation_prompt=True))
                 refs.append(extract_answer(msgs[-1]["content"]))
             enc = {k: v.to(device) for k, v in _prompt_ids(tokenizer, prompts).items()}

@@ -118,6 +118,20 @@ def is_moe_config(config) -> bool:
     return any(isinstance(getattr(tc, k, None), int) and getattr(tc, k) > 0 for k in EXPERT_COUNT_KEYS)
 
 
+def moe_values_per_token(config) -> int:
+    """Extra float values per token one MoE layer's forward holds (0 for a dense config): the router's ``E``
+    scores, and per routed expert (``top_k``) the gathered input, its output and three expert-wide values.
+    Every expert's Hessian in sparsify is at most ``max(hidden, expert width)`` wide, as a dense layer's is."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    E = next((getattr(tc, k) for k in EXPERT_COUNT_KEYS if isinstance(getattr(tc, k, None), int)), 0) or 0
+    if E <= 0:
+        return 0
+    k = next((getattr(tc, key) for key in TOP_K_KEYS if isinstance(getattr(tc, key, None), int)), 1) or 1
+    hidden = int(getattr(tc, "hidden_size", 0) or 0)
+    width = int(getattr(tc, "moe_intermediate_size", None) or getattr(tc, "intermediate_size", 0) or 0)
+    return int(E + k * (2 * hidden + 3 * width))
+
+
 def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 

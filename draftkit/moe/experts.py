@@ -117,22 +117,28 @@ def expert_linears(model: nn.Module, observers: list[Observer] | None = None) ->
     as they are, so their experts stay invisible to the layer-wise engine.
     """
     blocks = moe_blocks(model)
+    with instrument([b for per_layer in blocks.values() for b in per_layer], observers or []):
+        yield blocks
+
+
+@contextlib.contextmanager
+def instrument(blocks: list[MoeBlock], observers: list[Observer]) -> Iterator[None]:
+    """:func:`expert_linears` for the given MoE blocks (the supported ones); undone on exit."""
     installed: list[tuple[nn.Module, list[str], Any]] = []
     try:
-        for per_layer in blocks.values():
-            for block in per_layer:
-                if not supported(block):
-                    continue
-                ex = block.experts
-                up = _up_name(ex)
-                assert up is not None
-                proxies = [_Expert(ex, j, up) for j in range(block.num_experts)]
-                names = [str(j) for j in range(len(proxies))]
-                for n, p in zip(names, proxies, strict=True):
-                    ex.add_module(n, p)
-                installed.append((ex, names, ex.__dict__.get("forward")))
-                ex.forward = _eager_forward(block, proxies, up, observers or [])
-        yield blocks
+        for block in blocks:
+            if not supported(block):
+                continue
+            ex = block.experts
+            up = _up_name(ex)
+            assert up is not None
+            proxies = [_Expert(ex, j, up) for j in range(block.num_experts)]
+            names = [str(j) for j in range(len(proxies))]
+            for n, p in zip(names, proxies, strict=True):
+                ex.add_module(n, p)
+            installed.append((ex, names, ex.__dict__.get("forward")))
+            ex.forward = _eager_forward(block, proxies, up, observers)
+        yield
     finally:
         for ex, names, forward in installed:
             for n in names:

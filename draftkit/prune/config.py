@@ -26,6 +26,16 @@ class PruneConfig(BaseModel):
         description="calibration data for scoring blocks",
     )
     batch_size: int = Field(4, ge=1, description="calibration sequences per forward pass")
+    experts: float | None = Field(
+        None, gt=0,
+        description="mixture-of-experts models: routed experts to remove from every MoE layer, a fraction in (0, 1) "
+        "or a count (1, 2, ...); chosen by --expert-method on the calibration data; combinable with layers/drop",
+    )
+    expert_method: Literal["reap", "frequency", "ean"] = Field(
+        "reap",
+        description="reap: lowest mean router weight x expert output norm over the tokens routed to the expert "
+        "(Lasby et al. 2025); frequency: least often routed; ean: lowest summed output norm (no router weights)",
+    )
 
     @field_validator("drop", mode="before")
     @classmethod
@@ -34,6 +44,9 @@ class PruneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_layers_or_drop(self):
-        if (self.layers is None) == (self.drop is None):
-            raise ValueError("give exactly one of layers (how many blocks to drop) or drop (which ones)")
+        if self.layers is not None and self.drop is not None:
+            raise ValueError("give exactly one of layers (how many blocks to drop) or drop (which ones), not both")
+        if self.layers is None and self.drop is None and self.experts is None:
+            raise ValueError("give layers (how many blocks to drop), drop (which ones) or experts (how many experts "
+                             "to remove per MoE layer)")
         return self

@@ -13,6 +13,7 @@ from draftkit.data import calibration_samples, model_max_length
 from draftkit.errors import InvalidInputError
 from draftkit.layerwise import ResidentLayers
 from draftkit.modeling import count_parameters, decoder_layers, text_config
+from draftkit.moe.prune import ExpertPruning, experts_to_drop
 from draftkit.prune.config import PruneConfig
 from draftkit.prune.drop import drop_layers
 from draftkit.prune.scores import block_distances, choose_block, lowest_influence, parse_layer_ranges
@@ -20,7 +21,8 @@ from draftkit.sparsify.runner import capture_layer_inputs, run_layer
 
 
 @torch.no_grad()
-def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *, batch_size: int = 4, source=None):
+def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *, batch_size: int = 4, source=None,
+                         before_layer=None):
     """Run the calibration set once through the decoder, layer by layer, and record per layer boundary
     what scoring needs.
 
@@ -28,6 +30,9 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
     layer runs over all batches before the next: with a streamed ``source`` only one layer is in memory.
 
     Returns:
+        ``before_layer(i, layer, run_all, masters)`` (expert pruning) may edit each layer before its outputs
+        are computed (its stored-dtype weights: ``masters``).
+
         ``(last_token_states, block_influence)``: ``[samples, L + 1, hidden]`` float32 hidden states of the
         last token entering each layer plus the one leaving the last layer (before the final norm, which
         HF's ``output_hidden_states`` would have applied), and the ``[L]`` Block Influence of each layer
@@ -41,7 +46,8 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
         by_len.setdefault(len(s), []).append(s)
     batches = [torch.stack(g[i : i + batch_size]) for g in by_len.values() for i in range(0, len(g), batch_size)]
     source.load_outside()
-    inputs = capture_layer_inputs(source.model, batches, device=source.device, store=source.store)
+    inputs = capture_layer_inputs(source.model, batches, device=source.device, store=source.store,
+                                  dtype=source.masters.dtype)
     source.free_outside()
     hidden = inputs.hidden
     cos_sum = torch.zeros(n, dtype=torch.float64)
@@ -49,6 +55,9 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
     last = [[_last_token(h)] for h in hidden]  # per batch: the state entering each layer
     for i in track(range(n), "scoring blocks"):
         layer = source.load(i)
+        if before_layer is not None:
+            before_layer(i, layer, lambda: [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))],  # noqa: B023
+                         source.masters)
         for c in range(len(hidden)):
             x_out = run_layer(layer, hidden[c], inputs.args[i][c])
             x_in = hidden[c].to(x_out.device)  # activations may wait on the CPU while layers run on the GPU
@@ -78,6 +87,8 @@ def check_prune(hf_config, cfg: PruneConfig) -> None:
         raise InvalidInputError(f"--layers must be between 1 and {n_layers - 1} for this {n_layers}-layer model (got {cfg.layers})")
     if cfg.drop is not None:
         _explicit_layers(cfg.drop, n_layers)
+    if cfg.experts is not None:
+        experts_to_drop(hf_config, cfg.experts)
 
 
 def _explicit_layers(spec: str, n_layers: int) -> list[int]:
@@ -133,12 +144,23 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig) -> tuple[nn.Modul
     t0 = time.perf_counter()
     n_layers = len(decoder_layers(model))
     params_before = count_parameters(model)
-    dropped, part = choose_layers(
-        cfg, n_layers, tokenizer, model_max_length(model),
-        lambda samples: collect_layer_states(model, samples, batch_size=cfg.batch_size),
-    )
+    experts = ExpertPruning(model, cfg.experts, cfg.expert_method) if cfg.experts is not None else None
+    hook = experts.before_layer if experts is not None else None
+    if cfg.layers is None and cfg.drop is None:
+        dropped, part = [], {"method": None}
+    else:
+        dropped, part = choose_layers(
+            cfg, n_layers, tokenizer, model_max_length(model),
+            lambda samples: collect_layer_states(model, samples, batch_size=cfg.batch_size, before_layer=hook),
+        )
+    if experts is not None and not experts.ran:  # no block scoring pass to ride on: one of its own
+        samples = calibration_samples(tokenizer, cfg.calib, max_len=model_max_length(model))
+        collect_layer_states(model, samples, batch_size=cfg.batch_size, before_layer=hook)
+        part["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
     report: dict[str, Any] = {"stage": "prune", "method": part.pop("method"), "layers_before": n_layers, **part}
     drop_layers(model, dropped)
+    if experts is not None:
+        report["experts"] = experts.finish(dropped)
     report.update(
         dropped_layers=dropped,
         layers_after=len(decoder_layers(model)),

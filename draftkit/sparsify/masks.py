@@ -12,6 +12,7 @@ from torch import nn
 
 from draftkit.modeling import decoder_layers
 from draftkit.moe.arch import router_modules
+from draftkit.moe.stats import expert_weights
 
 
 def tensor_sparsity(w: torch.Tensor) -> float:
@@ -66,36 +67,57 @@ def target_linears(model: nn.Module, targets: str | None = None, ignore: str | N
     return out
 
 
+def decoder_weights(model: nn.Module, targets: str | None = None, ignore: str | None = None) -> dict[str, torch.Tensor]:
+    """The prunable weights of the decoder: each targeted linear's weight (by module name) and each fused
+    3-D routed-expert parameter of an MoE model (by parameter name), filtered by the same regexes."""
+    out = {name: lin.weight for name, lin in target_linears(model, targets, ignore).items()}
+    for name, w in expert_weights(model).items():
+        if (not targets or re.search(targets, name)) and not (ignore and re.search(ignore, name)):
+            out[name] = w
+    return out
+
+
+def masked_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight a mask named ``name`` applies to: a module's ``weight``, or a fused expert parameter."""
+    try:
+        return model.get_submodule(name).weight
+    except AttributeError:
+        return model.get_parameter(name)
+
+
 def model_sparsity(model: nn.Module, targets: str | None = None, ignore: str | None = None) -> dict:
-    """Per-module and overall sparsity of the targeted linear weights."""
+    """Per-module and overall sparsity of the targeted linear weights (and routed-expert weights)."""
     per_module = {}
     zeros = total = 0
-    for name, lin in target_linears(model, targets, ignore).items():
-        z = int((lin.weight == 0).sum().item())
-        per_module[name] = z / lin.weight.numel()
+    for name, w in decoder_weights(model, targets, ignore).items():
+        z = int((w == 0).sum().item())
+        per_module[name] = z / w.numel()
         zeros += z
-        total += lin.weight.numel()
+        total += w.numel()
     return {"overall": zeros / total if total else 0.0, "modules": per_module}
 
 
 def layer_sparsity(model: nn.Module) -> list[float]:
-    """Sparsity of the linear weights of each decoder block."""
+    """Sparsity of the linear (and fused expert) weights of each decoder block."""
+    experts = {id(w) for w in expert_weights(model).values()}
     out = []
     for layer in decoder_layers(model):
         zeros = total = 0
-        for m in layer.modules():
-            if isinstance(m, nn.Linear):
-                zeros += int((m.weight == 0).sum().item())
-                total += m.weight.numel()
+        weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+        weights += [p for p in layer.parameters() if id(p) in experts]
+        for w in weights:
+            zeros += int((w == 0).sum().item())
+            total += w.numel()
         out.append(zeros / total if total else 0.0)
     return out
 
 
 def extract_masks(model: nn.Module, *, min_sparsity: float = 0.0) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks (True = non-zero) of the decoder linears whose sparsity exceeds ``min_sparsity``."""
+    """Boolean keep-masks (True = non-zero) of the decoder linears (and fused expert parameters) whose
+    sparsity exceeds ``min_sparsity``; see :func:`masked_weight` for what each name refers to."""
     masks = {}
-    for name, lin in target_linears(model).items():
-        keep = lin.weight.detach() != 0
+    for name, w in decoder_weights(model).items():
+        keep = w.detach() != 0
         if 1.0 - keep.float().mean().item() > min_sparsity:
             masks[name] = keep
     return masks
@@ -104,7 +126,6 @@ def extract_masks(model: nn.Module, *, min_sparsity: float = 0.0) -> dict[str, t
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero every weight outside its mask (in place)."""
-    modules = dict(model.named_modules())
     for name, keep in masks.items():
-        w = modules[name].weight
+        w = masked_weight(model, name)
         w.mul_(keep.to(device=w.device, dtype=w.dtype))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from draftkit import console
+from draftkit.compute import Masters
 from draftkit.errors import InvalidInputError
 from draftkit.sparsify.baselines import magnitude_mask, wanda_mask
 from draftkit.sparsify.config import SparsifyConfig
@@ -40,12 +41,15 @@ class LayerPruner:
 
     ``relative`` maps each linear to its name inside its decoder layer (``self_attn.q_proj``);
     ``siblings`` learns, from the layers already pruned, which linears read the same input, so the
-    next layers prune a whole group (q/k/v, gate/up) in one SparseGPT column loop.
+    next layers prune a whole group (q/k/v, gate/up) in one SparseGPT column loop. Masks and updates are
+    computed from the master weights (``masters``: the stored dtype when the forward runs in another); the
+    result goes to the master and to the weight the rest of the forward uses.
     """
 
     def __init__(self, cfg: SparsifyConfig, names: dict[nn.Module, str], report: dict[str, Any], bar,
-                 relative: dict[nn.Module, str] | None = None):
+                 relative: dict[nn.Module, str] | None = None, masters: Masters | None = None):
         self.cfg = cfg
+        self.masters = masters if masters is not None else Masters(None)  # weights cast to the compute dtype -> their stored tensors
         self.names = names
         self.relative = relative or {}
         self.report = report
@@ -82,7 +86,7 @@ class LayerPruner:
                         f"(asked {cfg.dampening:g})"
                     )
             results = sparsegpt_prune_many(
-                [lin.weight.detach() for lin in lins], group.inv, sparsity=cfg.target_sparsity,
+                [self._weight(lin) for lin in lins], group.inv, sparsity=cfg.target_sparsity,
                 prune_n=n_m[0], prune_m=n_m[1], block_size=cfg.block_size,
             )
             new_weights = [W_new for W_new, _, _ in results]
@@ -90,7 +94,7 @@ class LayerPruner:
         else:
             new_weights = []
             for lin in lins:
-                W = lin.weight.detach()
+                W = self._weight(lin)
                 if method == "wanda":
                     mask = wanda_mask(W, torch.diag(group.H), sparsity=cfg.target_sparsity, prune_n=n_m[0], prune_m=n_m[1])
                 else:
@@ -100,10 +104,13 @@ class LayerPruner:
         for lin, W_new in zip(lins, new_weights, strict=True):
             self._finish(lin, W_new, group, seconds)
 
+    def _weight(self, lin: nn.Linear) -> torch.Tensor:
+        return self.masters.master(lin.weight).detach()
+
     def _finish(self, lin: nn.Linear, W_new: torch.Tensor, group: _Group, seconds: float) -> None:
         name = self.names[lin]
         t0 = time.perf_counter()
-        W = lin.weight.detach()
+        W = self._weight(lin)
         entry: dict[str, Any] = {"shape": list(W.shape)}
         if group.H is not None:
             entry["rel_error"] = reconstruction_error(W, W_new, group.H)
@@ -111,8 +118,10 @@ class LayerPruner:
             entry["pruned_by"] = "magnitude (not called during the calibration forward)"
         if self.cfg.method == "sparsegpt" and group.inv is not None and group.inv.retries:
             entry["dampening"] = group.inv.dampening
-        lin.weight.data.copy_(W_new.to(device=lin.weight.device, dtype=lin.weight.dtype))
-        entry["sparsity"] = float((lin.weight == 0).sum().item()) / lin.weight.numel()
+        W.copy_(W_new.to(device=W.device, dtype=W.dtype))
+        if lin.weight.data_ptr() != W.data_ptr():  # the compute-dtype copy the rest of this layer's forward reads
+            lin.weight.data.copy_(W_new.to(device=lin.weight.device, dtype=lin.weight.dtype))
+        entry["sparsity"] = float((W == 0).sum().item()) / W.numel()
         entry["seconds"] = round(seconds + time.perf_counter() - t0, 4)
         self.report[name] = entry
         self.pruned.add(name)

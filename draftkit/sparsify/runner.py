@@ -16,7 +16,10 @@
    stops right after the group's input is known; then the group is pruned; a last forward produces the
    layer's outputs.
 
-Only one layer's activations and one Hessian are alive at a time. All maths is float32.
+Only one layer's activations and one Hessian are alive at a time. The forwards run in the compute dtype
+(:mod:`draftkit.compute`; the layer source casts each layer and keeps its master weights); the maths is
+float32: the Hessian accumulates float32 products of the (bf16) inputs, and SparseGPT prunes float32
+copies of the master weights, which get the result in their stored dtype.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from draftkit import console
+from draftkit.compute import to_compute
 from draftkit.errors import InvalidInputError
 from draftkit.layerwise import ResidentLayers
 from draftkit.memory import heavy_work_starts
@@ -56,10 +60,13 @@ class LayerInputs:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device=None,
-                         masks: list[torch.Tensor | None] | None = None, store=None) -> LayerInputs:
+                         masks: list[torch.Tensor | None] | None = None, store=None,
+                         dtype: torch.dtype | None = None) -> LayerInputs:
     """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids
     (and, for padded chunks, their ``attention_mask`` in ``masks``). The hidden states wait on ``store``
     (a streamed run's activation device, the CPU when they do not fit on the compute device), else where made.
+    With ``dtype`` (the compute dtype) the hidden states and the floating arguments (position embeddings,
+    additive masks) are recorded in it, as a model stored in that dtype would make them.
 
     The layers are stubbed out (identity on the hidden states), so this costs an embedding lookup and
     the mask/rotary set-up per chunk, not a forward.
@@ -75,8 +82,9 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
             h = a[0] if a else kw.pop("hidden_states")
             rest = a[1:]
             if idx == 0:
-                hidden.append(h.detach() if store is None else h.detach().to(store))
-            args[idx].append((rest, dict(kw)))
+                x = to_compute(h.detach(), dtype)
+                hidden.append(x if store is None else x.to(store))
+            args[idx].append(to_compute((rest, dict(kw)), dtype))
             if idx == len(layers) - 1:
                 raise _Stop
             return h
@@ -276,6 +284,8 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
     modules_report: dict[str, Any] = {}
     report: dict[str, Any] = {"stage": "sparsify", "method": cfg.method, "pattern": cfg.pattern,
                               "target_sparsity": sparsity, "streamed": source.streamed}
+    if source.masters.dtype is not None:
+        report["compute_dtype"] = str(source.masters.dtype).removeprefix("torch.")
     layers = source.layers
     per_layer = [{n: lin for n, lin in targets.items() if any(lin is m for m in layer.modules())} for layer in layers]
     relative = {
@@ -284,7 +294,7 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
     zeros_before = 0
 
     with console.status_bar(f"sparsify ({cfg.method})", total=len(targets)) as bar:
-        pruner = LayerPruner(cfg, names, modules_report, bar, relative)
+        pruner = LayerPruner(cfg, names, modules_report, bar, relative, masters=source.masters)
         inputs = None
         if cfg.method == "magnitude":
             report["calibration"] = None
@@ -295,7 +305,8 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
                 report["calibration"] = {"samples": sum(len(c) for c in chunks), "seqlen": chunks[0].shape[1],
                                          "tokens": sum(c.numel() for c in chunks), "chunks": len(chunks)}
             source.load_outside()
-            inputs = capture_layer_inputs(model, chunks, device=source.device, store=source.store)
+            inputs = capture_layer_inputs(model, chunks, device=source.device, store=source.store,
+                                          dtype=source.masters.dtype)
             source.free_outside()
             report["passes_per_layer"] = "1" if len(inputs.hidden) == 1 else "groups + 1 (chunked)"
         heavy_work_starts()
