@@ -122,6 +122,7 @@ def measure(name: str, draft, target, tok, prompts: Path, args, prune: dict) -> 
         "best_k_predicted_speedup": cm.get("best_k_predicted_speedup"),
         "predicted_speedup": fixed["predicted_speedup"],
         "break_even_cost": cm.get("break_even_cost"),
+        "break_even_cost_by_k": cm.get("break_even_cost_by_k"),
         "hf": {key: fixed[key] for key in (
             "engine", "device", "dtype", "repeats", "target_tokens_per_s", "spec_tokens_per_s", "speedup", "speedup_min",
             "speedup_max", "speedup_by_repeat", "speedup_by_prompt_quartiles", "outputs_identical", "identical_prompts", "differing_prompts",
@@ -158,6 +159,29 @@ def measure(name: str, draft, target, tok, prompts: Path, args, prune: dict) -> 
     return row
 
 
+def markdown_table(rows: list[dict]) -> list[str]:
+    """The README's table, one line per draft, from the JSON rows."""
+
+    def f(x, d=2):
+        return "–" if x is None else f"{x:.{d}f}"
+
+    lines = ["| pair | MAL (k=4) | acceptance at positions 1-4 | draft cost c (latency) | c (MACs) | v(1..4) | "
+             "measured hf speedup (prompt quartiles) | predicted (k=4) | best k: predicted | dynamic k: tokens/forward, "
+             "predicted | c to break even (k=4, best k) | output identical |",
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        q = r["hf"]["speedup_by_prompt_quartiles"] or [None, None, None]
+        be = r.get("break_even_cost_by_k") or []
+        best_be = be[r["best_k"] - 1] if r.get("best_k") and len(be) >= r["best_k"] else None
+        lines.append(
+            f"| {r['pair']} | {f(r['mal'])} | {' '.join(f(a) for a in r['acceptance_by_position'])} | {f(r['c'], 3)} | "
+            f"{f(r['cost_ratio_macs'], 3)} | {' '.join(f(v) for v in r['v'][1:])} | **{f(r['hf']['speedup'])}×** "
+            f"({f(q[0])}–{f(q[2])}) | {f(r['predicted_speedup'])}× | k={r['best_k']}: {f(r['best_k_predicted_speedup'])}× | "
+            f"{f(r['dynamic']['tokens_per_target_forward'])}, {f(r['dynamic']['predicted_speedup'])}× | "
+            f"{f(r['break_even_cost'], 3)}, {f(best_be, 3)} | {r['hf']['identical_prompts']}/{r['prompts']} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=50, help="GSM8K test questions (and demo rows)")
@@ -171,26 +195,31 @@ def main() -> None:
     ap.add_argument("--pairs", default="demo,smollm2")
     ap.add_argument("--target-cache", default=str(Path.home() / ".cache" / "draftkit" / "spec" / "smollm2-135m-instruct"))
     ap.add_argument("--out", default=str(RESULTS / "spec_speedup.json"))
+    ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
     args = ap.parse_args()
+    if args.table:
+        print("\n".join(markdown_table(json.loads(Path(args.out).read_text())["rows"])))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
     rows = []
-    if "demo" in args.pairs:
-        teacher = ROOT / "examples" / "tiny" / "teacher"
-        target, tok = load(teacher)
-        draft, prune = pruned(target, tok, 2, ROOT / "examples" / "tiny" / "data" / "train.jsonl")
-        rows.append(measure("demo teacher, 2 of 8 blocks dropped", draft, target, tok,
-                            ROOT / "examples" / "tiny" / "data" / "test.jsonl", args, prune))
-        write(args, rows, started)
-    if "smollm2" in args.pairs:
-        target, tok = load(ensure_target(GGUF, Path(args.target_cache)))
-        for drop in (int(x) for x in args.drops.split(",")):
-            draft, prune = pruned(target, tok, drop, GSM8K / "train.jsonl")
-            rows.append(measure(f"SmolLM2-135M-Instruct, {drop} of 30 blocks dropped", draft, target, tok,
-                                GSM8K / "test.jsonl", args, prune))
+    for pair in args.pairs.split(","):  # in the order given
+        if pair == "demo":
+            teacher = ROOT / "examples" / "tiny" / "teacher"
+            target, tok = load(teacher)
+            draft, prune = pruned(target, tok, 2, ROOT / "examples" / "tiny" / "data" / "train.jsonl")
+            rows.append(measure("demo teacher, 2 of 8 blocks dropped", draft, target, tok,
+                                ROOT / "examples" / "tiny" / "data" / "test.jsonl", args, prune))
             write(args, rows, started)
-            del draft
+        elif pair == "smollm2":
+            target, tok = load(ensure_target(GGUF, Path(args.target_cache)))
+            for drop in (int(x) for x in args.drops.split(",")):
+                draft, prune = pruned(target, tok, drop, GSM8K / "train.jsonl")
+                rows.append(measure(f"SmolLM2-135M-Instruct, {drop} of 30 blocks dropped", draft, target, tok,
+                                    GSM8K / "test.jsonl", args, prune))
+                write(args, rows, started)
+                del draft
     write(args, rows, started, done=True)
 
 

@@ -91,19 +91,35 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
-def content_hash(path: str | os.PathLike) -> str:
-    """sha256 over the names and bytes of a file or of every file in a folder (dot-files excluded)."""
+def content_hash(path: str | os.PathLike, *, model: bool = False) -> str:
+    """sha256 over the names and bytes of a file or of every file in a folder (dot-files excluded).
+
+    ``model``: the folder is a model folder, whose files are read only when they resolve inside it
+    (:mod:`draftkit.model_files`; a link out of one of its subfolders is skipped, never opened)."""
     _hash_cache()
     assert _cache is not None
     p = Path(path)
     h = hashlib.sha256()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
                                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    if model and p.is_dir():
+        from draftkit.model_files import folder_root
+
+        root = folder_root(p)
+        files = [f for f in files if _resolves_inside(f, root)]
     for f in files:
         rel = f.name if f == p else str(f.relative_to(p))
         h.update(f"{rel}\0{_cache.file_hash(f)}\0".encode())
     _cache.save()
     return h.hexdigest()[:16]
+
+
+def _resolves_inside(f: Path, root: Path) -> bool:
+    try:
+        real = f.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return real == root or root in real.parents
 
 
 def _hub_commit(repo_id: str, repo_type: str) -> str | None:
@@ -126,7 +142,7 @@ def model_identity(name: str) -> str:
     except DraftkitError:
         return f"unresolved:{name}"
     if ref.local:
-        return f"{name}@{content_hash(ref.location)}"
+        return f"{name}@{content_hash(ref.location, model=True)}"
     return f"{name}=hub:{ref.location}@{_hub_commit(ref.location, 'model') or 'uncached'}"
 
 

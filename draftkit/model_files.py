@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from draftkit.errors import ModelLoadError
 
 SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"  # transformers reads .bin shards (weights_only) through it
 # files transformers may read beside a .gguf file (tokenizer and generation configs, chat template)
 _GGUF_SIDE_FILES = (".json", ".jinja", ".model", ".txt")
 
@@ -84,25 +85,26 @@ def resolve_file(directory: str | os.PathLike, name: str, *, source: str | os.Pa
     return path
 
 
-def index_names(directory: str | os.PathLike) -> list[str] | None:
-    """The distinct file names of ``model.safetensors.index.json``'s weight map, in order; None without an index.
+def index_names(directory: str | os.PathLike, index_name: str = SAFE_INDEX) -> list[str] | None:
+    """The distinct file names of an index's weight map (``model.safetensors.index.json`` by default), in
+    order; None without that index.
 
     Raises:
         ModelLoadError: the index is not a JSON object with a ``weight_map`` of names.
     """
-    index = Path(directory) / SAFE_INDEX
+    index = Path(directory) / index_name
     if not index.is_file():
         return None
-    resolve_file(directory, SAFE_INDEX)
+    resolve_file(directory, index_name)
     try:
         names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         text = str(exc).strip().splitlines()
         why = text[0][:300] if text else type(exc).__name__
-        raise ModelLoadError(f"{index} is not a safetensors index (a JSON object with a weight_map): {why}") from None
+        raise ModelLoadError(f"{index} is not a checkpoint index (a JSON object with a weight_map): {why}") from None
     for n in names:
         if not isinstance(n, str):
-            raise ModelLoadError(f"{index} is not a safetensors index: its weight_map maps a tensor to {n!r}, not a file name")
+            raise ModelLoadError(f"{index} is not a checkpoint index: its weight_map maps a tensor to {n!r}, not a file name")
     return names
 
 
@@ -119,9 +121,9 @@ def check_folder(directory: str | os.PathLike) -> None:
     for entry in entries:
         if not entry.name.startswith(".") and entry.is_symlink():
             resolve_file(d, entry.name, root=root)
-    names = index_names(d)
-    for n in names or []:
-        resolve_file(d, n, source=d / SAFE_INDEX, root=root)
+    for index in (SAFE_INDEX, BIN_INDEX):
+        for n in index_names(d, index) or []:
+            resolve_file(d, n, source=d / index, root=root)
 
 
 def check_gguf(file: str | os.PathLike) -> None:

@@ -246,3 +246,13 @@ def test_a_deeply_nested_draftkit_json_is_one_line(four_layers, tmp_path, depth)
     for args in (["inspect", model], ["prune", model, "--drop", "1", "-o", tmp_path / "out"]):
         one_line(invoke(*args), str(model / "draftkit.json"), "nested", "delete it")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_deeply_nested_config_json_is_one_line(four_layers, tmp_path):
+    model = tmp_path / "m"
+    shutil.copytree(four_layers, model)
+    cfg = (model / "config.json").read_text()
+    (model / "config.json").write_text(cfg.rstrip().rstrip("}") + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    for stream in STREAMS:
+        one_line(invoke("prune", model, "--drop", "1", "--stream", stream, "-o", tmp_path / "out"),
+                 str(model), "nested too deeply", "restore")

@@ -107,9 +107,10 @@ def test_export_and_inspect_refuse(tiny_llama, tmp_path, kind, command):
 def test_spec_refuses_a_hostile_draft_and_target(tiny_llama, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Tom has 3 pens."}) + "\n")
-    bad = hostile(tiny_llama, tmp_path, "dotdot-index")
-    refused(invoke("spec", bad, "--target", tiny_llama, "--prompts", prompts))
-    refused(invoke("spec", tiny_llama, "--target", bad, "--prompts", prompts))
+    for i, kind in enumerate(["dotdot-index", "symlinked-shard"]):
+        bad = hostile(tiny_llama, tmp_path / str(i), kind)
+        refused(invoke("spec", bad, "--target", tiny_llama, "--prompts", prompts))
+        refused(invoke("spec", tiny_llama, "--target", bad, "--prompts", prompts))
 
 
 def test_distill_refuses_a_hostile_student_and_teacher(tiny_llama, sft_file, tmp_path):
@@ -217,3 +218,32 @@ def test_hub_cache_snapshot_links_into_its_blobs_only(tiny_llama, tmp_path, monk
     with pytest.raises(ModelLoadError, match="restore the checkpoint's own index"):
         load_model("someone/tiny", device="cpu")  # transformers refuses it too, in its words
 
+
+
+def test_a_bin_index_is_checked_too(tiny_llama, tmp_path):
+    """transformers reads .bin shards through pytorch_model.bin.index.json: its entries are held to the same rule."""
+    from draftkit.refs import resolve_model_ref
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {k: "../victim/pytorch_model.bin" for k in _keys(tiny_llama / "model.safetensors")}}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin.index.json names ../victim/pytorch_model.bin, which points outside"):
+        resolve_model_ref(str(model))
+
+
+def test_run_fingerprint_never_reads_through_a_link_out_of_a_subfolder(tiny_llama, tmp_path):
+    """`run` hashes every file of its input model: a file in a subfolder that links outside is skipped, not read."""
+    from draftkit.fingerprint import content_hash
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "extra").mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"a")
+    (model / "extra" / "notes.bin").symlink_to(secret)
+    before, followed = content_hash(model, model=True), content_hash(model)
+    secret.write_bytes(b"b")  # a change outside the folder does not reach the model's identity
+    assert content_hash(model, model=True) == before
+    assert content_hash(model) != followed  # (a data folder is hashed as it is, links followed)

@@ -54,6 +54,8 @@ def translate_load_error(ref: ModelRef, exc: BaseException, what: str = "") -> M
         msg = f"{name} is a GGUF file: reading it needs the gguf package (pip install 'draftkit[gguf]')"
     elif "size mismatch" in text or "ignore_mismatched_sizes" in text:
         msg = f"{name}: tensor shapes in the weights disagree with config.json (DRAFTKIT_DEBUG=1 shows which)"
+    elif isinstance(exc, RecursionError) or "maximum recursion depth" in text:
+        msg = f"could not load {what}{name}: a JSON file in it is nested too deeply to read: restore the checkpoint's own config files"
     elif not ref.local:
         msg = (f"could not load {name} ({ref.location}) from the hub: {first_line(exc)}; "
                "pass a local directory, or check the network and HF_TOKEN")
