@@ -30,6 +30,7 @@ from draftkit.checkpoint.stream import (
     parameter_keys,
 )
 from draftkit.compute import Masters, current_dtype
+from draftkit.memory import planned_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 
 
@@ -46,13 +47,14 @@ class ResidentLayers:
     """The model's own layers, already on the compute device."""
 
     streamed = False
-    store: torch.device | None = None  # where activations wait between layers (None: where they are made)
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers = decoder_layers(model)
         self.device = next(model.parameters()).device
         self.masters = Masters(current_dtype())
+        # where activations wait between layers: the estimate's choice, as for StreamedLayers (None: where made)
+        self.store: torch.device | None = planned_activation_store()
 
     def load_outside(self) -> None:
         pass
@@ -65,6 +67,7 @@ class ResidentLayers:
 
     def done(self, i: int) -> None:
         self.masters.restore(self.layers[i])
+        release_freed_memory()  # the previous layer's activations: see StreamedLayers.done
 
     def load_head(self) -> tuple[nn.Module, nn.Module]:
         head = (final_norm(self.model), self.model.get_output_embeddings())
@@ -142,6 +145,10 @@ class StreamedLayers:
             tensors: dict[str, Any] = {**params, **self.ckpt.read(extra)}
             self.writer.write({self._renamed(k): t for k, t in tensors.items()})
         free_module(layer)
+        # glibc keeps the freed pages of the previous layer's activations (and weights) in its heap, in holes
+        # the next layer's differently sized tensors do not fill: without this RSS grows by about one layer's
+        # activations per layer
+        release_freed_memory()
 
     def _renamed(self, key: str) -> str:
         m = layer_key_pattern(self.prefix).match(key)

@@ -4,9 +4,10 @@ The estimate is arithmetic on the config and the checkpoint's size (no weights l
 
 * weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
   to embed the calibration tokens) and one decoder layer;
-* calibration activations: the hidden states entering and leaving the current layer, for every token;
+* calibration activations: the hidden states entering and leaving the current layer, for every token
+  (:data:`ACTIVATION_COPIES`);
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
-  token, plus the eager attention scores (heads × sequence length per token);
+  token, plus, with ``eager`` attention only, the attention scores (heads × sequence length per token);
 * MoE layers: per token, the router's scores and, for each of its ``top_k`` experts, the gathered input
   and the expert's three intermediate values (:func:`draftkit.moe.arch.moe_values_per_token`);
 * SparseGPT: the largest Hessian and its one work buffer ([columns, columns] float32 each), plus a
@@ -20,6 +21,8 @@ import contextlib
 import ctypes
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,9 @@ from draftkit.errors import InvalidInputError
 from draftkit.moe.arch import moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
+# the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
+# the layer before back to the OS, :func:`release_freed_memory`, so no third copy builds up)
+ACTIVATION_COPIES = 2
 GB = 1e9
 
 
@@ -93,9 +99,10 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     parts = {
         "weights": ckpt_bytes if not streamed else max(embed, layer),
-        "activations": 2 * tokens * hidden * act,
-        "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (10 * hidden + 3 * inter + 2 * heads * min(seqlen, chunk_tokens)
-                                                                  + moe_values_per_token(tc)),
+        "activations": ACTIVATION_COPIES * tokens * hidden * act,
+        "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
+            10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
+            + moe_values_per_token(tc)),
     }
     if sparsegpt:
         cols = max(hidden, inter)
@@ -108,6 +115,12 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
         host = PROCESS_BYTES + (0 if on_device else parts["activations"]) + (layer if streamed else 0)
         return MemoryEstimate(host, dev, parts, "cuda" if on_device else "cpu")
     return MemoryEstimate(PROCESS_BYTES + compute + parts["activations"], 0, parts, "cpu")
+
+
+def _eager_attention(tc) -> bool:
+    """Whether attention materializes its [heads, seq, seq] scores: transformers' ``eager`` implementation.
+    The default, ``sdpa`` (chosen when the config names none), computes them block by block."""
+    return getattr(tc, "_attn_implementation", None) == "eager"
 
 
 def check_fits(est: MemoryEstimate, *, streamed: bool, can_stream: bool, device: torch.device) -> None:
@@ -161,6 +174,26 @@ def fits_comfortably(model) -> bool:
             device = t.device
     free = available_device_bytes(device) if device.type == "cuda" else available_host_bytes()
     return size <= STREAM_ABOVE_BYTES and size <= 0.25 * (free or 0)
+
+
+_planned_store: ContextVar[torch.device | None] = ContextVar("draftkit_activation_store", default=None)
+
+
+@contextmanager
+def activation_store(device: torch.device | None) -> Iterator[None]:
+    """Within this block, a resident layer-wise run (:class:`~draftkit.layerwise.ResidentLayers`) keeps its
+    activations on ``device``: the placement the memory estimate chose (:func:`activation_device`), as a
+    streamed run's ``source.store`` is set."""
+    token = _planned_store.set(device)
+    try:
+        yield
+    finally:
+        _planned_store.reset(token)
+
+
+def planned_activation_store() -> torch.device | None:
+    """The placement set by :func:`activation_store`; None outside one (activations stay where they are made)."""
+    return _planned_store.get()
 
 
 def gb(n: int) -> float:

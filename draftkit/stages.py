@@ -223,7 +223,8 @@ def run_stage_on(
     # run's folder, which the run holds locked
     with output_lock_of(out, stage.name, held=lock_what is not None), work_dir_lock(cfg, lock_what or stage.name), \
             computing(stage_compute(name, load)) as choice, plan_line(flush=False):
-        from draftkit.memory import announce_before_heavy_work
+        from draftkit.checkpoint import resolve_device
+        from draftkit.memory import activation_device, activation_store, announce_before_heavy_work
 
         estimate, streamed = None, False
         if name in ("prune", "sparsify"):
@@ -261,12 +262,19 @@ def run_stage_on(
             model, tokenizer = load_model_and_tokenizer(
                 model_name, dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code
             )
+        store = None
         if estimate is not None and not streamed:
             announce_before_heavy_work(estimate)
-        model, tokenizer, report = execute_stage(
-            stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
-            arguments=arguments,
-        )
+            store = activation_device(estimate, resolve_device(load.device))
+        with activation_store(store):  # resident activations placed by the estimate's decision, as streamed ones
+            model, tokenizer, report = execute_stage(
+                stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
+                arguments=arguments,
+            )
+    if estimate is not None:
+        from draftkit.streamed import estimate_facts
+
+        report.setdefault("memory_estimate_gb", estimate_facts(estimate))
     report["total_seconds"] = round(time.perf_counter() - t0, 3)
     report["threads"] = threads
     return StageRun(None if in_compute else model, tokenizer, report)

@@ -67,7 +67,7 @@ def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, Me
     else:
         from draftkit.sparsify.calib import _auto_chunk_tokens
 
-        chunk = cfg.chunk_tokens or _auto_chunk_tokens(config, seqlen)
+        chunk = cfg.chunk_tokens or _auto_chunk_tokens(config, seqlen, device)
     dtype_bytes = load_dtype_bytes(load, config)
     sparsegpt = name == "sparsify" and cfg.method == "sparsegpt"
 

@@ -70,6 +70,13 @@ def test_auto_on_faked_mps(ok, dtype, monkeypatch):
     assert resolve_compute("auto", "mps", flags=set()).dtype == dtype
 
 
+def test_spec_keeps_float32_under_auto():
+    """Measured: bf16 broke greedy spec's losslessness on SmolLM2-135M (benchmarks/results/compute_dtype.json)."""
+    choice = resolve_compute("auto", "cpu", flags={"amx_bf16"}, stage="spec")
+    assert choice.dtype == torch.float32 and "lossless" in choice.why
+    assert resolve_compute("auto", "cpu", flags={"amx_bf16"}, stage="eval").dtype == torch.bfloat16
+
+
 def test_a_stage_listed_float32_keeps_it_under_auto_only(monkeypatch):
     monkeypatch.setitem(compute.AUTO_FLOAT32, "spec", "bf16 changed its result")
     assert resolve_compute("auto", "cpu", flags={"amx_bf16"}, stage="spec").dtype == torch.float32

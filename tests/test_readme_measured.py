@@ -51,3 +51,23 @@ def test_readme_merge_table_matches_the_json():
     for name, mal in data["mal_per_step"].items():
         cells = [c.strip().strip("*") for c in rows[name].strip("|").split("|")]
         assert cells[2] == f"{mal['gsm8k']:.2f}" and cells[3] == f"{mal['mixed']:.2f}", name
+
+
+def test_readme_reap_table_matches_the_json():
+    """The REAP comparison's rows (wall time, peak RSS, identical layers) come from its benchmark JSON."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "reap_vs_llmcompressor.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Expert pruning: draftkit's REAP against llm-compressor"):]
+    section = section[: section.index("\n### ", 5) if "\n### " in section[5:] else len(section)]
+    rows = [[c.strip() for c in m.group(0).strip("|").split("|")] for m in re.finditer(r"^\| (Qwen3-MoE|Mixtral) \|.*$", section, flags=re.M)]
+    names = {"qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral"}
+    assert len(rows) == 3 * len(data["runs"])
+    for arch, run in data["runs"].items():
+        mine = [r for r in rows if r[0] == names[arch]]
+        assert mine[0][2] == str(run["draftkit"]["seconds"]) and mine[0][3] == f"{run['draftkit']['peak_rss_mb']:.0f}"
+        for row, variant in zip(mine[1:], ("as_shipped", "causal_attention_restored"), strict=True):
+            lc = run["llmcompressor"][variant]
+            same = sum(layer["same"] for layer in lc["layers"].values())
+            assert row[2] == str(lc["seconds"]) and row[3] == f"{lc['peak_rss_mb']:.0f}", (arch, variant)
+            assert row[4] == f"{same}/{len(lc['layers'])}", (arch, variant)
+    assert all(run["llmcompressor"]["causal_attention_restored"]["identical_kept_experts"] for run in data["runs"].values())

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from draftkit.checkpoint import load_model_and_tokenizer
+from draftkit.compute import ComputeChoice, cast_for_compute, computing
 from draftkit.data import CalibConfig
 from draftkit.modeling import decoder_layers
 from draftkit.sparsify import SparsifyConfig, sparsify_model
@@ -17,10 +18,13 @@ def _cfg(calib_file, **kw):
     return SparsifyConfig(calib=CalibConfig(path=str(calib_file), samples=6, seqlen=48), **kw)
 
 
+@pytest.mark.parametrize("compute", [None, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 @pytest.mark.parametrize("chunk_tokens", [None, 96])
-def test_sparsity_zero_driver_output_equals_full_forward(arch, chunk_tokens, tiny_models, calib_file):
-    """gemma2 alternates sliding-window and full attention: each layer must get its own mask."""
+def test_sparsity_zero_driver_output_equals_full_forward(arch, chunk_tokens, compute, tiny_models, calib_file):
+    """gemma2 alternates sliding-window and full attention: each layer must get its own mask. With a bf16
+    compute dtype the driver equals the forward of the model cast to bf16, and the float32 weights come back
+    bit for bit."""
     model, tok = load_model_and_tokenizer(str(tiny_models[arch]))
     cfg = _cfg(calib_file, sparsity=0.0, chunk_tokens=chunk_tokens)
     chunks, info = calibration_chunks(model, tok, cfg)
@@ -28,16 +32,19 @@ def test_sparsity_zero_driver_output_equals_full_forward(arch, chunk_tokens, tin
     last = decoder_layers(model)[-1]
     seen = []
     handle = last.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
+    with torch.no_grad(), cast_for_compute(model, compute):
         for ids in chunks:
             model.model(input_ids=ids, use_cache=False)
     expected = torch.cat(seen)
     seen.clear()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model, report = sparsify_model(model, tok, cfg)
+    with computing(None if compute is None else ComputeChoice(compute, "asked")):
+        model, report = sparsify_model(model, tok, cfg)
     handle.remove()
     got = torch.cat(seen[-len(chunks):]) if chunk_tokens else seen[-1]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.dtype == expected.dtype == (compute or torch.float32)
+    tol = 1e-5 if compute is None else 2e-2
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert report["sparsity"] == 0.0

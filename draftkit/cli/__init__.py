@@ -190,3 +190,19 @@ def main() -> None:
         code = getattr(exc, "exit_code", 130)
         sys.stderr.write("terminated (SIGTERM)\n" if code == 143 else "interrupted\n")
         sys.exit(code)
+    except Exception as exc:  # a CUDA out-of-memory error from any command: one line naming what to lower
+        from draftkit.errors import EXIT_INVALID_INPUT, out_of_memory_line
+
+        line = out_of_memory_line(exc, getattr(exc, "draftkit_command", None))
+        if line is None:
+            raise
+        if os.environ.get("DRAFTKIT_DEBUG") not in (None, "", "0"):
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(f"error: {line}\n")
+        if "--json" in sys.argv[1:]:
+            from draftkit.cli._common import print_json_error
+
+            print_json_error(line, EXIT_INVALID_INPUT)
+        sys.exit(EXIT_INVALID_INPUT)

@@ -23,6 +23,7 @@ from draftkit.errors import (
     DraftkitError,
     InvalidInputError,
     error_object,
+    out_of_memory_line,
 )
 from draftkit.io import to_json
 from draftkit.oserrors import user_error
@@ -144,6 +145,9 @@ def handle_errors(fn):
                 print_json_error(exc, code)
             raise typer.Exit(code) from None
         except Exception as exc:  # noqa: BLE001
+            if out_of_memory_line(exc) is not None:  # told once, in main(), with the setting of this command to lower
+                exc.draftkit_command = fn.__module__.rsplit(".", 1)[-1]  # type: ignore[attr-defined]
+                raise
             if debug:
                 traceback.print_exc()
             user = user_error(exc)  # the user's machine (full disk, read-only, name too long...), not a bug

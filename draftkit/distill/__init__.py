@@ -64,6 +64,9 @@ def distill_model(model, tokenizer, cfg: DistillConfig) -> tuple[Any, dict[str, 
     from accelerate import PartialState
 
     examples = load_examples(cfg)  # fails fast on bad data, before the teacher is loaded
+    from draftkit.distill.prepare import pin_accelerator_device
+
+    pin_accelerator_device(next(model.parameters()).device)  # before accelerate's state picks its GPU
     state = PartialState(cpu=next(model.parameters()).device.type == "cpu")  # cpu: gloo process groups under torchrun
     temp = cfg.work_dir is None
     if temp and state.num_processes > 1:

@@ -25,6 +25,16 @@ CHECKPOINTING_ABOVE = 1_000_000_000  # parameters: activation checkpointing is o
 # --------------------------------------------------------------------------------------------
 
 
+def pin_accelerator_device(device: torch.device) -> None:
+    """Make ``device`` (``--device cuda:N``) the GPU accelerate trains on. In one process accelerate places
+    everything on ``cuda``, the current GPU (cuda:0 unless set), and would move a student loaded on cuda:N there;
+    under torchrun/accelerate launch each process's GPU is its local rank's, as accelerate sets it."""
+    import os
+
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        torch.cuda.set_device(device)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16-mixed`` on a GPU that supports bf16, ``fp32`` elsewhere."""
     if precision != "auto":

@@ -33,6 +33,7 @@ from torch import nn
 
 from draftkit import console
 from draftkit.distill.config import DistillConfig
+from draftkit.distill.estimate import batch_shape, estimate_training
 from draftkit.distill.fsdp import MaskHold, check_fsdp, gather_full_model, is_sharded, shard_for_fsdp
 from draftkit.distill.loss import IGNORE, LossModule, collate, response_loss, tokenize_example
 from draftkit.distill.prepare import (
@@ -42,6 +43,7 @@ from draftkit.distill.prepare import (
     enable_checkpointing,
     make_optimizer,
     merge_lora,
+    pin_accelerator_device,
     resolve_precision,
     set_precision,
     wrap_lora,
@@ -50,6 +52,7 @@ from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
 from draftkit.input_errors import reading
 from draftkit.io import atomic_write_json
+from draftkit.memory import gb
 from draftkit.sparsify.masks import extract_masks, masked_weight
 from draftkit.textcap import TextCap
 
@@ -167,6 +170,7 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
 
     t0 = time.perf_counter()
     device = next(model.parameters()).device
+    pin_accelerator_device(device)
     accelerator = Accelerator(cpu=device.type == "cpu", gradient_accumulation_steps=cfg.grad_accum)
     device = accelerator.device
     torch.manual_seed(cfg.seed)
@@ -210,6 +214,11 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
     if own_fsdp:
         shard_for_fsdp(lm)  # before the optimizer: it steps on the shards
     params = [p for p in model.parameters() if p.requires_grad]
+    batch_tokens, longest = batch_shape(train_set, cfg.train_batch_size)
+    estimate = estimate_training(model, tokens=batch_tokens, seqlen=longest, precision=precision, checkpointing=checkpointing,
+                                 optimizer_in_backward=cfg.optimizer_in_backward, loss_chunk=cfg.loss_chunk_size)
+    if accelerator.is_main_process:
+        console.info(f"{estimate.line()}; training")
     in_backward = InBackwardAdamW(params, cfg) if cfg.optimizer_in_backward else None
     if in_backward is not None:
         optimizer, optimizer_name = in_backward.lr_holder, "adamw-fused-in-backward" if in_backward.fused else "adamw-in-backward"
@@ -330,6 +339,8 @@ def train_sequences(model: nn.Module, encoded: list[dict[str, list[int]]], pad: 
         "zero_positions_changed": changed,
         "seconds": round(time.perf_counter() - t0, 2),
         "processes": accelerator.num_processes,
+        "memory_estimate_gb": {"host": gb(estimate.host), "device": gb(estimate.device),
+                               **{k: gb(v) for k, v in estimate.parts.items()}},
     }
     return model, report
 

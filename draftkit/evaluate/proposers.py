@@ -39,12 +39,20 @@ class Timer:
 def forward(model: nn.Module, ids: list[int], cache, timer: Timer | None = None) -> torch.Tensor:
     """Logits (float32) of ``ids`` appended to ``cache``; the forward is timed when ``timer`` is given."""
     device = next(model.parameters()).device
+    if timer is not None:
+        _synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
     logits = out.logits[0].float()
     if timer is not None:
+        _synchronize(device)  # CUDA runs the kernels asynchronously: the clock must wait for them, not their launch
         timer.times.append(time.perf_counter() - t0)
     return logits
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def new_cache(model: nn.Module):

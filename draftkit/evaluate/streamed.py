@@ -26,7 +26,6 @@ from draftkit.memory import (
     activation_device,
     announce_before_heavy_work,
     estimate_memory,
-    release_freed_memory,
 )
 
 
@@ -99,8 +98,7 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
             out = run_layer(layer, hidden[c], inputs.args[i][c])
             hidden[c] = out if store is None else out.to(store)
         inputs.args[i] = []  # free this layer's masks and position embeddings
-        source.done(i)
-        release_freed_memory()  # so host memory stays at one layer, whatever the depth
+        source.done(i)  # frees the layer and hands the freed pages back, so host memory stays flat with depth
     norm, head = source.load_head()
     transform = _logit_transform(source.model.config)
     nll, counted = 0.0, 0

@@ -52,7 +52,7 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
     hidden = inputs.hidden
     cos_sum = torch.zeros(n, dtype=torch.float64)
     tok_count = sum(b.numel() for b in batches)
-    last = [[h.select(1, -1).float().cpu()] for h in hidden]  # per batch: the state entering each layer
+    last = [[_last_token(h)] for h in hidden]  # per batch: the state entering each layer
     for i in track(range(n), "scoring blocks"):
         layer = source.load(i)
         if before_layer is not None:
@@ -63,13 +63,19 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
             x_in = hidden[c].to(x_out.device)  # activations may wait on the CPU while layers run on the GPU
             cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
             cos_sum[i] += cos.double().sum().cpu()
-            last[c].append(x_out.select(1, -1).float().cpu())
+            last[c].append(_last_token(x_out))
             hidden[c] = x_out if source.store is None else x_out.to(source.store)
         inputs.args[i] = []
         source.done(i)
     states = torch.cat([torch.stack(per, dim=1) for per in last])
     bi = 1.0 - cos_sum / tok_count
     return states, bi.float()
+
+
+def _last_token(h: torch.Tensor) -> torch.Tensor:
+    """The last position's states as a float32 CPU tensor of their own: for a float32 CPU ``h``,
+    ``.float().cpu()`` would be a view that keeps all of ``h`` (every token's states) alive."""
+    return h.select(1, -1).to(device="cpu", dtype=torch.float32, copy=True)
 
 
 def check_prune(hf_config, cfg: PruneConfig) -> None:

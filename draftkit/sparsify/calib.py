@@ -15,18 +15,22 @@ from draftkit.modeling import text_config
 from draftkit.sparsify.config import SparsifyConfig
 
 
-def _auto_chunk_tokens(model: nn.Module, seqlen: int) -> int:
-    """Tokens per forward so that one layer's activations stay within a quarter of the machine's memory."""
+def _auto_chunk_tokens(model: nn.Module, seqlen: int, device: torch.device | None = None) -> int:
+    """Tokens per forward so that one layer's activations stay within a quarter of the memory they run in: the
+    free memory of the GPU (``torch.cuda.mem_get_info``) when ``device`` is CUDA, else the machine's RAM."""
     cfg = text_config(model)
     hidden = getattr(cfg, "hidden_size", 4096)
     inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
     heads = getattr(cfg, "num_attention_heads", 32)
     # ~10 hidden-wide and 3 intermediate-wide float32 tensors per token, plus eager attention scores.
     per_token = 4 * (10 * hidden + 3 * inter + 2 * heads * seqlen)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 * 2**30
+    if device is not None and torch.device(device).type == "cuda":
+        total = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 16 * 2**30
     return max(seqlen, int(total * 0.25 / per_token))
 
 
@@ -36,7 +40,8 @@ def _chunks(samples: list[torch.Tensor], chunk_tokens: int) -> list[torch.Tensor
     return [torch.stack(samples[i : i + per]) for i in range(0, len(samples), per)]
 
 
-def calibration_chunks(model, tokenizer, cfg: SparsifyConfig) -> tuple[list[torch.Tensor], dict[str, Any]]:
+def calibration_chunks(model, tokenizer, cfg: SparsifyConfig, device: torch.device | None = None,
+                       ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Equal-length calibration sequences, batched into chunks of at most ``chunk_tokens`` tokens.
 
     Raises:
@@ -52,7 +57,7 @@ def calibration_chunks(model, tokenizer, cfg: SparsifyConfig) -> tuple[list[torc
             f"calibration data {cfg.calib.path or 'default'} holds {have} tokens, fewer than one sequence of "
             f"{seqlen}: give more data or a smaller --seqlen"
         )
-    chunk_tokens = cfg.chunk_tokens or _auto_chunk_tokens(model, seqlen)
+    chunk_tokens = cfg.chunk_tokens or _auto_chunk_tokens(model, seqlen, device)
     chunks = _chunks(full, chunk_tokens)
     info = {
         "samples": len(full),

@@ -300,7 +300,7 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
             report["calibration"] = None
         else:
             if chunks is None:
-                chunks, report["calibration"] = calibration_chunks(model, tokenizer, cfg)
+                chunks, report["calibration"] = calibration_chunks(model, tokenizer, cfg, source.device)
             else:
                 report["calibration"] = {"samples": sum(len(c) for c in chunks), "seqlen": chunks[0].shape[1],
                                          "tokens": sum(c.numel() for c in chunks), "chunks": len(chunks)}
