@@ -84,7 +84,7 @@ def mask_difference(a: Path, b: Path) -> float:
     return differ / total
 
 
-def perplexity_of(path: Path, heldout, seqlen: int, max_tokens: int) -> float:
+def heldout_ppl(path: Path, heldout, seqlen: int, max_tokens: int) -> float:
     """The one evaluator: float32 weights, float32 compute, the same text and windows for every output."""
     from draftkit.checkpoint import load_model_and_tokenizer
     from draftkit.evaluate.perplexity import perplexity
@@ -144,8 +144,8 @@ def run_model(label: str, model: str, data: dict[str, Any], work: Path, args, re
             runs[c] = {"seconds": s, "mean_rel_error": round(r["mean_rel_error"], 6)}
             log(f"{label} sparsify {c}: {s}s, mean rel error {r['mean_rel_error']:.5f}")
         for c in DTYPES:
-            runs[c]["heldout_perplexity"] = perplexity_of(outs[c], data["heldout"], data["ppl_seqlen"], args.ppl_tokens)
-        runs["dense_heldout_perplexity"] = perplexity_of(Path(data["dense_dir"]), data["heldout"], data["ppl_seqlen"],
+            runs[c]["heldout_perplexity"] = heldout_ppl(outs[c], data["heldout"], data["ppl_seqlen"], args.ppl_tokens)
+        runs["dense_heldout_perplexity"] = heldout_ppl(Path(data["dense_dir"]), data["heldout"], data["ppl_seqlen"],
                                                          args.ppl_tokens)
         runs["mask_entries_differing"] = round(mask_difference(outs["float32"], outs["bfloat16"]), 5)
         runs["time_ratio_bf16"] = round(runs["bfloat16"]["seconds"] / runs["float32"]["seconds"], 3)
