@@ -59,7 +59,8 @@ def _chain(exc: BaseException):
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        # only what it was raised from: an exception raised while handling another (__context__) may be a bug
+        exc = exc.__cause__  # type: ignore[assignment]
 
 
 def _classify(exc: BaseException) -> tuple[int, str | None] | None:
@@ -68,6 +69,8 @@ def _classify(exc: BaseException) -> tuple[int, str | None] | None:
     if isinstance(exc, FileExistsError) and exc.filename and os.path.lexists(exc.filename) \
             and not os.path.isdir(exc.filename):  # mkdir -p through a regular file
         return errno.ENOTDIR, exc.filename
+    if not _speaks_for_the_os(exc):  # any other exception's text may hold these words by chance
+        return None
     text = str(exc)
     for needle, code in _PATTERNS:
         if needle in text:
@@ -75,6 +78,17 @@ def _classify(exc: BaseException) -> tuple[int, str | None] | None:
     if "PytorchStreamWriter failed writing file" in text:  # torch.save gives no reason: almost always a full disk
         return errno.ENOSPC, None
     return None
+
+
+def _speaks_for_the_os(exc: BaseException) -> bool:
+    """A library error that carries the OS's words in its text: safetensors' Rust errors, torch's RuntimeError."""
+    if isinstance(exc, RuntimeError):
+        return True
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return False
+    return isinstance(exc, SafetensorError)
 
 
 def user_error(exc: BaseException) -> MachineError | None:

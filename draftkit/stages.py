@@ -205,6 +205,9 @@ def run_stage_on(
     stage = stages()[name]
     load = load or LoadConfig()
     cfg = trusting(cfg, load)
+    if hasattr(cfg, "_draft_dir"):  # spec --engine vllm reads the draft from the folder it equals, never name_or_path
+        cfg = cfg.model_copy()
+        cfg._draft_dir = model_name
     threads = apply_threads(load.threads)
     from draftkit.inputs import check_inputs
 

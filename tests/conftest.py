@@ -19,14 +19,49 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DRAFTKIT_THREADS", "1")
 torch.set_num_threads(1)
 
+_QUIETED_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                "DATASETS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")
+_QUIETED_LOGGERS = ("transformers", "datasets", "huggingface_hub", "accelerate")
+
+
+def transformers_bars() -> bool | None:
+    """Whether transformers shows its progress bars (None: not imported, so never silenced)."""
+    import sys
+
+    return sys.modules["transformers"].utils.logging.is_progress_bar_enabled() if "transformers" in sys.modules else None
+
+
 @pytest.fixture(autouse=True)
 def _console_state():
-    """The CLI sets draftkit's console flags per invocation (--quiet); a test calling a stage directly after
-    another test's in-process CLI call must not inherit them."""
+    """The CLI sets draftkit's console flags per invocation (--quiet, and without --verbose silences libraries
+    process-wide: environment variables, warning filters, logger levels); a test after another test's in-process
+    CLI call must not inherit them."""
+    import logging
+    import warnings
+
     from draftkit import console
 
-    yield
+    env = {name: os.environ.get(name) for name in _QUIETED_ENV}
+    loggers = {name: (logging.getLogger(name).level, list(logging.getLogger(name).filters))
+               for name in (*_QUIETED_LOGGERS, *(n for n, _ in console.HARMLESS_RECORDS))}
+    verbose = console.verbose()
+    bars = transformers_bars()
+    with warnings.catch_warnings():  # warning filters restored
+        yield
     console.set_quiet(False)
+    console._verbose = verbose
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if bars and not transformers_bars():
+        import transformers
+
+        transformers.utils.logging.enable_progress_bar()
+    for name, (level, kept) in loggers.items():
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).filters[:] = kept
 
 
 CHAT_TEMPLATE = (

@@ -9,8 +9,10 @@ import typer
 from draftkit import console
 from draftkit.cli._common import OUTPUT, Output, build, default_output, emit, handle_errors
 from draftkit.cli._options import LOAD_ONLY_STREAMED, Fields, config_options
+from draftkit.io import check_output_dir
 from draftkit.merge import MergeConfig, merge_checkpoints
-from draftkit.stages import LoadConfig
+from draftkit.refs import resolve_model_ref
+from draftkit.stages import LoadConfig, output_lock_of
 
 ModelsArg = Annotated[list[str], typer.Argument(
     help="two or more models of one architecture: local directories, aliases or hub ids (SLERP: the first is t=0)",
@@ -41,7 +43,13 @@ def merge(models: ModelsArg, *, cfg: dict, load: dict, io: Output) -> None:
     console.set_quiet(io.quiet)
     config = build(MergeConfig, **cfg, models=list(models))
     out = io.output or default_output(models[0], f"merge-{config.method}")
-    report = merge_checkpoints(list(models), config, out=out, load=build(LoadConfig, **load), overwrite=io.overwrite)
+    inputs = [*models, *([config.base] if config.base else [])]
+    for model in inputs:  # a mistyped input is named before the output is looked at
+        resolve_model_ref(model)
+    out = check_output_dir(out, overwrite=io.overwrite, inputs=inputs)
+    with output_lock_of(out, "merge"):  # a second writer of the same -o: one line naming the first, as every command
+        report = merge_checkpoints(list(models), config, out=out, load=build(LoadConfig, **load),
+                                   overwrite=io.overwrite)
     emit(report, io.as_json, _render)
 
 

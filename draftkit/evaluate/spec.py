@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +57,7 @@ class SpecConfig(BaseModel):
     # set from --trust-remote-code (load.trust_remote_code) by :func:`draftkit.stages.trusting`: the other model
     # this stage loads (eval's baseline, spec's target, export's serving target) may run its repository's code
     _trust_remote_code: bool = PrivateAttr(False)
+    _draft_dir: str | None = PrivateAttr(None)  # the saved folder the draft in memory equals (the stage's input)
 
     target: str = Field(..., description="the target model the draft speculates for (directory, .gguf file, alias or hub id)")
     prompts: str = Field(..., description="prompts: a file (.jsonl/.json/.csv/.parquet with a prompt/question/messages/text "
@@ -287,9 +290,11 @@ def run_spec(draft: nn.Module, draft_tok, target: nn.Module, target_tok, cfg: Sp
         report.update(run_hf(draft, draft_tok, target, target_tok, [t for t, _ in pairs], k=k,
                              max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, mode=mode, repeats=cfg.repeats))
     elif cfg.engine == "vllm":
-        report.update(run_vllm(_model_dir(draft, draft_tok), _target_ref(cfg), [t for t, _ in pairs], k=k,
-                               max_new_tokens=cfg.max_new_tokens, stop_at_eos=cfg.stop_at_eos, repeats=cfg.repeats,
-                               dtype=report["dtype"], trust_remote_code=cfg._trust_remote_code))
+        with _model_dir(draft, draft_tok, cfg._draft_dir) as draft_dir:
+            report.update(run_vllm(draft_dir, _target_ref(cfg), [t for t, _ in pairs], k=k,
+                                   max_new_tokens=cfg.max_new_tokens, stop_at_eos=cfg.stop_at_eos,
+                                   repeats=cfg.repeats, dtype=report["dtype"],
+                                   trust_remote_code=cfg._trust_remote_code))
     report["predicted_speedup"] = report["cost_model"].get("predicted_speedup")
     report.update(compare(report["speedup"], report["predicted_speedup"]))
     return report
@@ -314,17 +319,23 @@ def _target_ref(cfg: SpecConfig) -> str:
     return resolve_model_ref(cfg.target).location  # a folder, a .gguf file (vLLM reads GGUF) or a hub id
 
 
-def _model_dir(model: nn.Module, tokenizer) -> str:
-    """A folder vLLM can load the draft from: where it was read, else a saved copy (an in-memory recipe draft)."""
+@contextmanager
+def _model_dir(model: nn.Module, tokenizer, saved: str | None) -> Iterator[str]:
+    """A folder vLLM can load the draft from: ``saved``, the folder the stage read it from (or that a recipe's
+    earlier stage wrote it to), else a temporary copy, removed afterwards. Never ``model.name_or_path``: a model
+    pruned or distilled in memory still names its source folder there."""
     import tempfile
 
-    source = Path(getattr(model, "name_or_path", "") or "")
-    if source.is_dir() and (source / "config.json").is_file():
-        return str(source)
-    folder = tempfile.mkdtemp(prefix="draftkit-vllm-draft-")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    from draftkit.refs import resolve_model_ref
+
+    folder = Path(resolve_model_ref(saved).location) if saved else None
+    if folder is not None and folder.is_dir() and (folder / "config.json").is_file():
+        yield str(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="draftkit-vllm-draft-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        yield tmp
 
 
 def check_spec(hf_config, cfg: SpecConfig) -> None:
