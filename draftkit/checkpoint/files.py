@@ -22,17 +22,12 @@ from draftkit.bitmask import (
 )
 from draftkit.checkpoint import gguf_cache
 from draftkit.errors import ModelLoadError
-from draftkit.input_errors import reading
+from draftkit.input_errors import first_line, reading
 from draftkit.model_files import SAFE_INDEX, check_folder, folder_root, index_names, resolve_file
 from draftkit.refs import ModelRef, resolve_model_ref
 
 SAFE_WEIGHTS = "model.safetensors"
 _SHARD = re.compile(r"(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def translate_load_error(ref: ModelRef, exc: BaseException, what: str = "") -> ModelLoadError:
