@@ -77,7 +77,8 @@ def plan_run(name: str, model_name: str, cfg: BaseModel, load) -> tuple[bool, Me
                                   0, {"weights": size})
         return estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=tokens,
                                seqlen=seqlen, chunk_tokens=min(chunk, tokens), sparsegpt=sparsegpt,
-                               dtype_bytes=dtype_bytes, act_bytes=compute_bytes())
+                               dtype_bytes=dtype_bytes, act_bytes=compute_bytes(),
+                               sparsify=cfg.method if name == "sparsify" else None)
 
     return choose_streaming(model_name, load.stream, est, can_stream=can_stream, size=size, device=device,
                             always=name == "prune" and not forward)
