@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from draftkit.memory import share_one_heap
 from draftkit.sparsify.pruner import LayerPruner, _Group
 from draftkit.sparsify.sparsegpt import accumulate_hessian, make_empty_hessian
 
@@ -145,6 +146,7 @@ def prune_layer_interleaved(layer: nn.Module, targets: dict[str, nn.Linear], pru
 
         return run
 
+    share_one_heap()  # else each chunk's thread keeps its freed transients in a heap of its own
     handles = [lin.register_forward_pre_hook(hook) for lin in targets.values()]
     group: _Group | None = None
     group_xs: dict[int, torch.Tensor] = {}
