@@ -42,7 +42,6 @@ from draftkit.memory import (
     heavy_work_starts,
 )
 from draftkit.modeling import text_config
-from draftkit.moe.arch import is_moe_config
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
 
 SHARD_BYTES = 2 * 2**30
@@ -88,11 +87,6 @@ def checkpoint_facts(model_name: str, load) -> tuple[Any, Any, bool, int]:
     ref = resolve_model_ref(model_name)
     config = load_config(model_name, trust_remote_code=load.trust_remote_code)
     can_stream = ref.local and is_streamable(ref.location)
-    if can_stream and is_moe_config(config):  # per-expert tensors on disk, fused 3-D parameters in the model
-        if load.stream == "on":
-            raise InvalidInputError(f"--stream on: {model_name} is a mixture-of-experts model, which draftkit does not "
-                                    "stream layer by layer yet; pass --stream off (or auto)")
-        can_stream = False
     return config, resolve_device(load.device), can_stream, checkpoint_bytes(ref.location) if ref.local else 0
 
 
@@ -178,7 +172,11 @@ def run_streamed(name: str, model_name: str, cfg: BaseModel, *, out: Path, load,
         else:
             report = _prune(source, cfg, tokenizer, tmp)
             drop = set(report["dropped_layers"])
+            from draftkit.moe.remove import set_expert_count
             from draftkit.prune.drop import _slice_config
+
+            if "experts" in report:
+                set_expert_count(config, report["experts"]["experts_after"])
 
             for c in {id(config): config, id(text_config(config)): text_config(config)}.values():
                 _slice_config(c, n_layers, drop)
@@ -200,31 +198,40 @@ def run_streamed(name: str, model_name: str, cfg: BaseModel, *, out: Path, load,
 
 def _prune(source, cfg, tokenizer, tmp: Path) -> dict[str, Any]:
     from draftkit.data import model_max_length
-    from draftkit.prune.runner import choose_layers, collect_layer_states
+    from draftkit.moe.prune import ExpertPruning
+    from draftkit.moe.stream import rewrite_layer
+    from draftkit.prune.runner import choose_blocks_and_experts, collect_layer_states
 
     t0 = time.perf_counter()
     ckpt = source.ckpt
     n_layers = len(source.layers)
-    dropped, part = choose_layers(
-        cfg, n_layers, tokenizer, model_max_length(source.model),
-        lambda samples: collect_layer_states(None, samples, batch_size=cfg.batch_size, source=source),
+    experts = ExpertPruning(source.model, cfg.experts, cfg.expert_method) if cfg.experts is not None else None
+    dropped, part = choose_blocks_and_experts(
+        cfg, n_layers, tokenizer, model_max_length(source.model), experts,
+        lambda samples, hook: collect_layer_states(None, samples, batch_size=cfg.batch_size, source=source,
+                                                   before_layer=hook),
     )
     keep = [i for i in range(n_layers) if i not in set(dropped)]
     heavy_work_starts()
-    source.open_writer(tmp, keep, SHARD_BYTES)
+    writer = source.open_writer(tmp, keep, SHARD_BYTES)
     pattern_keys = _layer_keys(source)
-    for old in keep:  # no forward: copy each kept layer's tensors under its new number
-        for k in pattern_keys.get(old, []):
+    for old in keep:
+        if source.reader is not source.ckpt:  # MoE layout: read, experts removed, written back as stored
+            rewrite_layer(source, old, experts)
+            continue
+        for k in pattern_keys.get(old, []):  # no forward: copy each kept layer's tensors under its new number
             source.copy(k, source._renamed(k))
     source.write_rest()
-    per_layer = {i: sum(math.prod(ckpt.shape[k]) for k in ks) for i, ks in pattern_keys.items()}
-    params_before = sum(math.prod(s) for s in ckpt.shape.values())
-    return {
+    report = {
         "stage": "prune", "method": part.pop("method"), "layers_before": n_layers, **part,
-        "dropped_layers": dropped, "layers_after": len(keep), "params_before": params_before,
-        "params_after": params_before - sum(per_layer.get(i, 0) for i in dropped),
+        "dropped_layers": dropped, "layers_after": len(keep),
+        "params_before": sum(math.prod(s) for s in ckpt.shape.values()),
+        "params_after": sum(math.prod(e[1]) for e in writer.spec.values()),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if experts is not None:
+        report["experts"] = experts.finish(dropped)
+    return report
 
 
 def _layer_keys(source) -> dict[int, list[str]]:
