@@ -372,6 +372,10 @@ def markdown_table(rows: list[dict]) -> list[str]:
 
 def markdown_notes(rows: list[dict]) -> list[str]:
     """The README's line per draft: by how much it misses paying off, the break-even c, the best k, the gap."""
+
+    def more(ms: float, d: int = 1) -> str:
+        return f"{abs(ms):.{d}f} ms {'more' if ms >= 0 else 'less'}"
+
     lines = []
     for r in rows:
         hf, dyn, k = r["hf"], r["dynamic"], r["k"]
@@ -398,9 +402,9 @@ def markdown_notes(rows: list[dict]) -> list[str]:
             f"target alone / draftkit's {r['gap']['draftkit_target_forward_ms']:.1f} ms forward) × "
             f"{gf['per_round']:.2f} (predicted {gf['predicted_round_ms']:.0f} ms / measured {gf['round_ms']:.0f} ms "
             f"per assisted round) × {gf['tokens']:.2f} ({hf['engine_tokens_per_target_forward']:.2f} tokens per "
-            f"round / E(k) {expected_tokens_k(r):.2f}): an assisted round takes {gf['round_extra_ms']:.0f} ms "
-            f"beyond its predicted forwards, {gf['round_extra_per_step_ms']:.1f} ms per forward step, against "
-            f"{gf['step_overhead_ms']:.1f} ms per token beyond the forward for the target alone.")
+            f"round / E(k) {expected_tokens_k(r):.2f}): an assisted round takes {more(gf['round_extra_ms'], 0)} "
+            f"than its predicted forwards ({more(gf['round_extra_per_step_ms'])} per forward step), the target "
+            f"alone {more(gf['step_overhead_ms'])} per token than draftkit's forward.")
     return lines
 
 
