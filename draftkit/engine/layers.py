@@ -1,4 +1,5 @@
-"""Where a layer-by-layer driver (prune scoring, sparsify) gets its decoder layers from.
+"""Where a layer-wise stage (prune scoring, sparsify, streamed perplexity) gets its decoder layers from.
+(Moved here from ``draftkit/layerwise.py``.)
 
 * :class:`ResidentLayers`: the whole model is in memory (small models: fastest, nothing to reload).
 * :class:`StreamedLayers`: the model is a skeleton on the meta device; the embeddings and each
@@ -32,6 +33,8 @@ from draftkit.checkpoint.stream import (
 from draftkit.compute import Masters, current_dtype
 from draftkit.memory import planned_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
+
+SHARD_BYTES = 2 * 2**30  # the largest output shard a streamed stage writes
 
 
 def layer_list_prefix(model: nn.Module) -> str:
@@ -143,18 +146,29 @@ class StreamedLayers:
             params = {f"{self.prefix}.{i}.{n}": p for n, p in layer.named_parameters()}
             extra = [k for k in self.ckpt.keys() if (m := pattern.match(k)) and int(m.group(1)) == i and k not in params]
             tensors: dict[str, Any] = {**params, **self.ckpt.read(extra)}
-            self.writer.write({self._renamed(k): t for k, t in tensors.items()})
+            self.writer.write({self.renamed(k): t for k, t in tensors.items()})
         free_module(layer)
         # glibc keeps the freed pages of the previous layer's activations (and weights) in its heap, in holes
         # the next layer's differently sized tensors do not fill: without this RSS grows by about one layer's
         # activations per layer
         release_freed_memory()
 
-    def _renamed(self, key: str) -> str:
+    def renamed(self, key: str) -> str:
+        """A decoder layer's key under the layer's number in the output (:meth:`output_tensors`)."""
         m = layer_key_pattern(self.prefix).match(key)
         if m is None:
             return key
         return f"{self.prefix}.{self.rename[int(m.group(1))]}.{m.group(2)}"
+
+    def layer_keys(self) -> dict[int, list[str]]:
+        """The checkpoint's keys of each decoder layer, by layer number."""
+        pattern = layer_key_pattern(self.prefix)
+        out: dict[int, list[str]] = {}
+        for k in sorted(self.ckpt.keys()):
+            m = pattern.match(k)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(k)
+        return out
 
     # -------------------------------------------------------------- after the layers
     def load_head(self) -> tuple[nn.Module, nn.Module]:
@@ -172,7 +186,7 @@ class StreamedLayers:
             free_module(m)
 
     # -------------------------------------------------------------- output
-    def output_plan(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def output_tensors(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The output tensors in production order: the kept layers renumbered, then everything else."""
         self.rename = {old: new for new, old in enumerate(keep)}
         pattern = layer_key_pattern(self.prefix)
@@ -187,7 +201,7 @@ class StreamedLayers:
         plan = []
         for old in keep:
             for k in by_layer.get(old, []):
-                plan.append((self._renamed(k), self.ckpt.shape[k], self._out_dtype(k)))
+                plan.append((self.renamed(k), self.ckpt.shape[k], self._out_dtype(k)))
         plan += [(k, self.ckpt.shape[k], self._out_dtype(k)) for k in rest]
         return plan
 
@@ -195,8 +209,10 @@ class StreamedLayers:
         dt = self.ckpt.dtype[key]
         return self.dtype if self.dtype is not None and dt.is_floating_point else dt
 
-    def open_writer(self, out_dir: Path, keep: list[int], max_shard_bytes: int) -> ShardWriter:
-        self.writer = ShardWriter(out_dir, self.output_plan(keep), max_shard_bytes)
+    def open_writer(self, out_dir: Path, keep: list[int], max_shard_bytes: int | None = None) -> ShardWriter:
+        """Write the kept layers (renumbered) and then the rest to ``out_dir``, in shards of
+        ``max_shard_bytes`` (default :data:`SHARD_BYTES`)."""
+        self.writer = ShardWriter(out_dir, self.output_tensors(keep), max_shard_bytes or SHARD_BYTES)
         return self.writer
 
     def write_rest(self) -> None:
