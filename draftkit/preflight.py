@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit.errors import DraftkitError, InvalidInputError
+from draftkit.input_errors import first_line
 
 HUB_FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 SAMPLE_ROWS = 5
@@ -51,11 +52,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +128,7 @@ def sample_rows(source: str, split: str = "train", n: int = SAMPLE_ROWS) -> list
         stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
         rows = [dict(r) for _, r in zip(range(n), stream, strict=False)]
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"hub dataset {source} (split {split}) cannot be read: {_first_line(exc)[:200]}") from None
+        raise DataError(f"hub dataset {source} (split {split}) cannot be read: {first_line(exc)[:200]}") from None
     if not rows:
         raise DataError(f"hub dataset {source} split {split} is empty")
     return rows
@@ -185,9 +181,9 @@ class _Collector:
         try:
             return fn(*args, **kwargs)
         except DraftkitError as exc:
-            self.add(where, _first_line(exc))
+            self.add(where, first_line(exc))
         except (OSError, ValueError) as exc:
-            self.add(where, _first_line(exc))
+            self.add(where, first_line(exc))
         return None
 
     def add(self, where: str, message: str) -> None:
@@ -278,7 +274,7 @@ def check_distill(c: _Collector, where: str, recipe, step, hf_config) -> None:
                     c.add(f"{where}.dataset", f"distillation needs prompt and response columns, found only plain "
                                               f"text; columns found: {found}; set columns: prompt=COL,response=COL")
             except DraftkitError as exc:
-                c.add(f"{where}.columns" if cfg.columns else f"{where}.dataset", _first_line(exc))
+                c.add(f"{where}.columns" if cfg.columns else f"{where}.dataset", first_line(exc))
     if cfg.lora_alpha is not None and not cfg.lora_rank:
         c.add(f"{where}.lora_alpha", "lora_alpha is set but lora_rank is 0 (full fine-tuning): set lora_rank or drop lora_alpha")
     if cfg.engine == "vllm" and device == "cpu":
@@ -344,7 +340,7 @@ def check_spec(c: _Collector, where: str, recipe, step, hf_config) -> None:
         draft_tok = _tokenizer(draft, trust)
         target_tok = _tokenizer(cfg.target, trust)
     except DraftkitError as exc:
-        c.add(f"{where}.target", f"tokenizer: {_first_line(exc)}")
+        c.add(f"{where}.target", f"tokenizer: {first_line(exc)}")
         return
     same = len(draft_tok) == len(target_tok) and draft_tok.get_vocab() == target_tok.get_vocab()
     if not same and cfg.mode == "same":
