@@ -196,7 +196,6 @@ def main() -> None:
         sys.exit(code)
     except Exception as exc:  # a CUDA out-of-memory error from any command: one line naming what to lower
         from draftkit.errors import EXIT_INVALID_INPUT, out_of_memory_line
-
         from draftkit.registry import by_command
 
         command = getattr(exc, "draftkit_command", None)
