@@ -43,7 +43,6 @@ from draftkit.memory import (
     gb,
 )
 from draftkit.modeling import text_config
-from draftkit.moe.arch import is_moe_config
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
 
 
@@ -82,11 +81,6 @@ def checkpoint_facts(model_name: str, load) -> tuple[Any, Any, bool, int]:
     ref = resolve_model_ref(model_name)
     config = load_config(model_name, trust_remote_code=load.trust_remote_code)
     can_stream = ref.local and is_streamable(ref.location)
-    if can_stream and is_moe_config(config):  # per-expert tensors on disk, fused 3-D parameters in the model
-        if load.stream == "on":
-            raise InvalidInputError(f"--stream on: {model_name} is a mixture-of-experts model, which draftkit does not "
-                                    "stream layer by layer yet; pass --stream off (or auto)")
-        can_stream = False
     return config, resolve_device(load.device), can_stream, checkpoint_bytes(ref.location) if ref.local else 0
 
 

@@ -60,31 +60,42 @@ def recipe_estimate(hf_config, cfg: PruneConfig, load, size: int) -> int:
 
 def _prune(cfg: PruneConfig, source, tmp: Path, tokenizer, config) -> dict[str, Any]:
     from draftkit.data import model_max_length
+    from draftkit.moe.prune import ExpertPruning
+    from draftkit.moe.remove import set_expert_count
+    from draftkit.moe.stream import rewrite_layer
     from draftkit.prune.drop import slice_config
-    from draftkit.prune.runner import choose_layers, collect_layer_states
+    from draftkit.prune.runner import choose_blocks_and_experts, collect_layer_states
 
     t0 = time.perf_counter()
     ckpt = source.ckpt
     n_layers = len(source.layers)
-    dropped, part = choose_layers(
-        cfg, n_layers, tokenizer, model_max_length(source.model),
-        lambda samples: collect_layer_states(None, samples, batch_size=cfg.batch_size, source=source),
+    experts = ExpertPruning(source.model, cfg.experts, cfg.expert_method) if cfg.experts is not None else None
+    dropped, part = choose_blocks_and_experts(
+        cfg, n_layers, tokenizer, model_max_length(source.model), experts,
+        lambda samples, hook: collect_layer_states(None, samples, batch_size=cfg.batch_size, source=source,
+                                                   before_layer=hook),
     )
     keep = [i for i in range(n_layers) if i not in set(dropped)]
     heavy_work_starts()
-    source.open_writer(tmp, keep)
+    writer = source.open_writer(tmp, keep)
     pattern_keys = source.layer_keys()
-    for old in keep:  # no forward: copy each kept layer's tensors under its new number
-        for k in pattern_keys.get(old, []):
+    for old in keep:
+        if source.reader is not source.ckpt:  # MoE layout: read, experts removed, written back as stored
+            rewrite_layer(source, old, experts)
+            continue
+        for k in pattern_keys.get(old, []):  # no forward: copy each kept layer's tensors under its new number
             source.copy(k, source.renamed(k))
     source.write_rest()
-    for c in {id(config): config, id(text_config(config)): text_config(config)}.values():
-        slice_config(c, n_layers, set(dropped))
-    per_layer = {i: sum(math.prod(ckpt.shape[k]) for k in ks) for i, ks in pattern_keys.items()}
-    params_before = sum(math.prod(s) for s in ckpt.shape.values())
-    return {
+    report = {
         "stage": "prune", "method": part.pop("method"), "layers_before": n_layers, **part,
-        "dropped_layers": dropped, "layers_after": len(keep), "params_before": params_before,
-        "params_after": params_before - sum(per_layer.get(i, 0) for i in dropped),
+        "dropped_layers": dropped, "layers_after": len(keep),
+        "params_before": sum(math.prod(s) for s in ckpt.shape.values()),
+        "params_after": sum(math.prod(e[1]) for e in writer.spec.values()),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if experts is not None:
+        report["experts"] = experts.finish(dropped)
+        set_expert_count(config, report["experts"]["experts_after"])
+    for c in {id(config): config, id(text_config(config)): text_config(config)}.values():
+        slice_config(c, n_layers, set(dropped))
+    return report
