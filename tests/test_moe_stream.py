@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from draftkit.checkpoint import SAFE_INDEX, LazyCheckpoint
 from draftkit.data import CalibConfig
-from draftkit.layerwise import StreamedLayers
+from draftkit.engine.layers import StreamedLayers
 from draftkit.moe import moe_blocks
 from draftkit.prune import PruneConfig
 from draftkit.sparsify import SparsifyConfig
@@ -85,7 +85,7 @@ def test_streamed_expert_prune_equals_resident(arch, tiny_moe_models, calib_file
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_streamed_experts_and_layers_in_one_pass(arch, tiny_moe_models, calib_file, tmp_path, monkeypatch):
-    from draftkit import streamed
+    from draftkit.engine import layers as streamed
 
     monkeypatch.setattr(streamed, "SHARD_BYTES", 150_000)  # several shards, with an index
     cfg = PruneConfig(experts=2, layers=1, calib=CalibConfig(path=str(calib_file), samples=6, seqlen=48))

@@ -139,7 +139,7 @@ def disk_entries(view: ConvertedCheckpoint, params: dict[str, torch.Tensor],
 
 
 def rewrite_layer(source, i: int, experts) -> None:
-    """Write decoder layer ``i`` of a streamed MoE checkpoint (:class:`draftkit.layerwise.StreamedLayers` with
+    """Write decoder layer ``i`` of a streamed MoE checkpoint (:class:`draftkit.engine.layers.StreamedLayers` with
     an output open): read it, remove the experts ``experts`` (:class:`draftkit.moe.prune.ExpertPruning`, or
     None) chose for it during the scoring pass, write it in the stored layout and free it."""
     from draftkit.checkpoint.stream import load_module

@@ -10,8 +10,8 @@ from torch import nn
 
 from draftkit.console import track
 from draftkit.data import calibration_samples, model_max_length
+from draftkit.engine.layers import ResidentLayers
 from draftkit.errors import InvalidInputError
-from draftkit.layerwise import ResidentLayers
 from draftkit.modeling import count_parameters, decoder_layers, text_config
 from draftkit.moe.prune import ExpertPruning, experts_to_drop
 from draftkit.prune.config import PruneConfig

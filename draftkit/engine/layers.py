@@ -1,4 +1,5 @@
-"""Where a layer-by-layer driver (prune scoring, sparsify) gets its decoder layers from.
+"""Where a layer-wise stage (prune scoring, sparsify, streamed perplexity) gets its decoder layers from.
+(Moved here from ``draftkit/layerwise.py``.)
 
 * :class:`ResidentLayers`: the whole model is in memory (small models: fastest, nothing to reload).
 * :class:`StreamedLayers`: the model is a skeleton on the meta device; the embeddings and each
@@ -33,6 +34,8 @@ from draftkit.compute import Masters, current_dtype
 from draftkit.memory import planned_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 from draftkit.moe.stream import converted_checkpoint, disk_entries
+
+SHARD_BYTES = 2 * 2**30  # the largest output shard a streamed stage writes
 
 
 def layer_list_prefix(model: nn.Module) -> str:
@@ -145,7 +148,7 @@ class StreamedLayers:
             params = self._stored_names({f"{self.prefix}.{i}.{n}": p for n, p in layer.named_parameters()})
             extra = [k for k in self._unread(i) if k not in params]
             tensors: dict[str, Any] = {**params, **self.ckpt.read(extra)}
-            self.writer.write({self._renamed(k): t for k, t in tensors.items()})
+            self.writer.write({self.renamed(k): t for k, t in tensors.items()})
         free_module(layer)
         # glibc keeps the freed pages of the previous layer's activations (and weights) in its heap, in holes
         # the next layer's differently sized tensors do not fill: without this RSS grows by about one layer's
@@ -161,11 +164,22 @@ class StreamedLayers:
         pattern, taken = layer_key_pattern(self.prefix), getattr(self.reader, "consumed", set())
         return [k for k in self.ckpt.keys() if (m := pattern.match(k)) and int(m.group(1)) == i and k not in taken]
 
-    def _renamed(self, key: str) -> str:
+    def renamed(self, key: str) -> str:
+        """A decoder layer's key under the layer's number in the output (:meth:`output_tensors`)."""
         m = layer_key_pattern(self.prefix).match(key)
         if m is None:
             return key
         return f"{self.prefix}.{self.rename[int(m.group(1))]}.{m.group(2)}"
+
+    def layer_keys(self) -> dict[int, list[str]]:
+        """The checkpoint's keys of each decoder layer, by layer number."""
+        pattern = layer_key_pattern(self.prefix)
+        out: dict[int, list[str]] = {}
+        for k in sorted(self.ckpt.keys()):
+            m = pattern.match(k)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(k)
+        return out
 
     # -------------------------------------------------------------- after the layers
     def load_head(self) -> tuple[nn.Module, nn.Module]:
@@ -183,7 +197,7 @@ class StreamedLayers:
             free_module(m)
 
     # -------------------------------------------------------------- output
-    def output_plan(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def output_tensors(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The output tensors in production order: the kept layers renumbered, then everything else."""
         self.rename = {old: new for new, old in enumerate(keep)}
         pattern = layer_key_pattern(self.prefix)
@@ -199,11 +213,11 @@ class StreamedLayers:
         for old in keep:
             if self.reader is not self.ckpt:  # MoE: the layer as it is now (experts removed) in its stored layout
                 params = {f"{self.prefix}.{old}.{n}": p for n, p in self.layers[old].named_parameters()}
-                plan += [(self._renamed(k), s, d) for k, s, d in disk_entries(self.reader, params, self._out_dtype)]
+                plan += [(self.renamed(k), s, d) for k, s, d in disk_entries(self.reader, params, self._out_dtype)]
                 by_layer[old] = self._unread(old)
             shapes = {f"{self.prefix}.{old}.{n}": tuple(p.shape) for n, p in self.layers[old].named_parameters()}
             for k in by_layer.get(old, []):  # a parameter's shape as it is now (MoE: experts removed)
-                plan.append((self._renamed(k), shapes.get(k, self.ckpt.shape[k]), self._out_dtype(k)))
+                plan.append((self.renamed(k), shapes.get(k, self.ckpt.shape[k]), self._out_dtype(k)))
         plan += [(k, self.ckpt.shape[k], self._out_dtype(k)) for k in rest]
         return plan
 
@@ -211,8 +225,10 @@ class StreamedLayers:
         dt = self.ckpt.dtype[key] if key in self.ckpt.dtype else self.reader.dtype[key]
         return self.dtype if self.dtype is not None and dt.is_floating_point else dt
 
-    def open_writer(self, out_dir: Path, keep: list[int], max_shard_bytes: int) -> ShardWriter:
-        self.writer = ShardWriter(out_dir, self.output_plan(keep), max_shard_bytes)
+    def open_writer(self, out_dir: Path, keep: list[int], max_shard_bytes: int | None = None) -> ShardWriter:
+        """Write the kept layers (renumbered) and then the rest to ``out_dir``, in shards of
+        ``max_shard_bytes`` (default :data:`SHARD_BYTES`)."""
+        self.writer = ShardWriter(out_dir, self.output_tensors(keep), max_shard_bytes or SHARD_BYTES)
         return self.writer
 
     def write_rest(self) -> None:
