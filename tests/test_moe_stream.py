@@ -180,3 +180,22 @@ def test_streamed_recipe_prunes_experts_then_sparsifies(tiny_moe_models, calib_f
     _identical(tmp_path / "on" / "01-sparsify", tmp_path / "off" / "01-sparsify")
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "on" / "01-sparsify")
     assert final.config.num_experts == 6 and final.config.num_hidden_layers == 3
+
+
+def test_streamed_estimate_holds_the_layer_and_its_fused_experts_being_built():
+    """Streamed, an MoE layer's weights are counted with the per-expert tensors its largest fused expert parameter
+    is built from (held until the fused copy is whole)."""
+    import copy
+
+    from draftkit.memory import estimate_memory
+    from tests.conftest import tiny_moe_config
+
+    moe = tiny_moe_config("qwen3_moe", 400)
+    dense = copy.deepcopy(moe)
+    dense.num_experts = 0
+    kw = dict(ckpt_bytes=4 * 10**6, streamed=True, device=torch.device("cpu"), tokens=512, seqlen=64,
+              chunk_tokens=512, sparsegpt=False)
+    extra = estimate_memory(moe, **kw).parts["weights"] - estimate_memory(dense, **kw).parts["weights"]
+    assert extra == 8 * (2 * 32) * 64 * 4  # E x 2I x H float32
+    kw["streamed"] = False
+    assert estimate_memory(moe, **kw).parts["weights"] == 4 * 10**6  # resident: the checkpoint, already counted
