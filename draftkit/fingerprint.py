@@ -25,7 +25,8 @@ REFERENCES: dict[str, tuple[tuple[str, str], ...]] = {
     "distill": (("teacher", "model"), ("dataset", "data")),
     "eval": (("baseline", "model"), ("ppl", "data"), ("arith_data", "data"), ("include_path", "data")),
     "spec": (("target", "model"), ("prompts", "data")),
-    "merge": (("base", "model"),),  # its models are its inputs (draftkit.branches.input_identity)
+    "merge": (("base", "model"),),
+    "search": (("dataset", "data"), ("prompts", "data"), ("more_prompts", "data"), ("calib.path", "data")),  # its models are its inputs (draftkit.branches.input_identity)
 }
 _CHUNK = 1 << 22
 

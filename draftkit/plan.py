@@ -80,6 +80,10 @@ def stage_estimates(recipe) -> list[dict[str, Any]]:
             mem = max(train, weights + teacher)
         elif step.name == "export":
             mem = 2 * weights
+        elif step.name == "search":
+            from draftkit.search import estimate_bytes
+
+            mem = estimate_bytes(weights, p)
         elif step.name in ("eval", "spec"):
             other = c.baseline if step.name == "eval" else c.target
             ocfg = _config_of(other, trust) if other else None

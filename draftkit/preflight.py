@@ -223,7 +223,7 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
 
             src = c.run(f"stages[{step.index}].from", source_step, recipe, step)
             hf_config = configs.get(src.index) if src is not None else None
-        if step.name in ("prune", "sparsify"):
+        if step.name in ("prune", "sparsify", "search"):
             if hf_config is not None and check is not None:
                 c.run(where, check, hf_config, cfg)
             if _needs_calib(step.name, cfg):
@@ -258,6 +258,8 @@ def check_recipe(recipe, *, environment: bool = True) -> None:
 def _needs_calib(name: str, cfg) -> bool:
     if name == "prune":
         return cfg.drop is None and cfg.method != "last"
+    if name == "search":  # its prunes and sparsifies calibrate
+        return any(d or s != "0" for d, s, _ in cfg.grid())
     return getattr(cfg, "method", None) != "magnitude"
 
 

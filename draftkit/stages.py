@@ -94,6 +94,7 @@ def stages() -> dict[str, Stage]:
     from draftkit.export import ExportConfig, check_export, export_stage, write_export
     from draftkit.merge import MergeConfig, merge_checkpoints
     from draftkit.prune import PruneConfig, check_prune, prune_model
+    from draftkit.search import SearchConfig, check_search, search_stage, write_search
     from draftkit.sparsify import SparsifyConfig, sparsify_model
     from draftkit.sparsify.runner import check_sparsify
 
@@ -105,6 +106,7 @@ def stages() -> dict[str, Stage]:
         "export": Stage("export", ExportConfig, export_stage, save=write_export, check=check_export),
         "eval": Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval),
         "spec": Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec),
+        "search": Stage("search", SearchConfig, search_stage, save=write_search, check=check_search),
     }
 
 

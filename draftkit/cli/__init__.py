@@ -35,6 +35,8 @@ _LAZY: dict[str, tuple[str, str, str, str]] = {
     "spec": ("draftkit.cli.spec", "spec", "command",
              "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL), the speedup measured "
              "in an engine (--engine), the latency cost model's prediction for every k, and a dynamic k (--k dynamic)."),
+    "search": ("draftkit.cli.search", "search", "command",
+               "Build and measure draft candidates for a target (blocks dropped x sparsity x healing, or other bases): MAL, measured cost, predicted and engine speedup, the frontier, and the best draft as a recipe."),
     "merge": ("draftkit.cli.merge", "merge", "command",
               "Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks."),
     "run": ("draftkit.cli.run", "run", "command", "Run a recipe's stages in order, resuming where a previous run stopped."),
