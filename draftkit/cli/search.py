@@ -49,7 +49,7 @@ def _render(r: dict) -> None:
     k = r["k"]
     t = Table(title=f"{len(r['candidates'])} candidates for {r['target']} ({r['prompts']} prompts, k up to {k})")
     for col in ("candidate", "layers", "MACs", f"MAL k={k}", "cost c", "best k", "predicted", "engine", "frontier"):
-        t.add_column(col, justify="left" if col == "candidate" else "right")
+        t.add_column(col, justify="left" if col == "candidate" else "right", no_wrap=col == "candidate")
     for c in r["candidates"]:
         eng = (c.get("engine") or {}).get("speedup")
         t.add_row(c["name"], str(c["layers"]), _f(c["macs_nonzero_rel"]), _f(c["mal_per_step"]), _f(c["c"], 3),

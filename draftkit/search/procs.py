@@ -1,8 +1,8 @@
 """Spreading a search's independent candidates over processes.
 
 Under ``torchrun`` (or ``accelerate launch``) every process takes every ``N``-th candidate. The processes meet
-through a gloo process group of the search's own (a barrier before the frontier is judged) and through the work
-folder: each shared step (the regeneration, a prune, a sparsify) is built under a file lock by whichever process
+through the work folder and, once every candidate is measured, in a gloo process group (a barrier before the first
+process judges the frontier and writes the report). In the work folder each shared step (the regeneration, a prune, a sparsify) is built under a file lock by whichever process
 needs it first, the others wait for it and reuse it, so it is still computed once.
 
 Each candidate is trained by one process alone: inside :func:`spread` the launcher's variables are hidden, so the
@@ -30,10 +30,17 @@ class Procs:
     local_rank: int = 0
 
     def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
+        """Wait for every process. The gloo group is made here, at the end of the work: while a process group
+        exists, transformers saves a model on rank 0 only, and each process saves its own candidates."""
+        if self.world <= 1:
+            return
+        from datetime import timedelta
 
-            dist.barrier()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # the launcher's rendezvous (MASTER_ADDR/PORT); a search may take days
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world, timeout=timedelta(days=7))
+        dist.barrier()
 
     @property
     def main(self) -> bool:
@@ -41,17 +48,14 @@ class Procs:
 
 
 @contextmanager
-def spread() -> Iterator[Procs]:
-    """This process's place among the search's processes (one process outside a launcher)."""
+def spread(*, cpu: bool = True) -> Iterator[Procs]:
+    """This process's place among the search's processes (one process outside a launcher). ``cpu``: the processes
+    run on CPUs (accelerate's state, set up again on the way out, is a gloo one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         yield Procs()
         return
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # the launcher's rendezvous (MASTER_ADDR/PORT, RANK, WORLD_SIZE)
-    procs = Procs(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    procs = Procs(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     saved = {k: os.environ.pop(k) for k in LAUNCH_VARS if k in os.environ}
     _reset_accelerate()
     try:
@@ -59,6 +63,9 @@ def spread() -> Iterator[Procs]:
     finally:
         _reset_accelerate()
         os.environ.update(saved)
+        from accelerate.state import PartialState
+
+        PartialState(cpu=cpu)  # the launch's state again, on the group the barrier made (the stage's output: rank 0)
 
 
 def _reset_accelerate() -> None:

@@ -3,7 +3,7 @@
 Progress lives in the work folder, recorded the way a recipe run records its stages: ``manifest.json`` holds one
 entry per step and per measurement with its fingerprint (:func:`draftkit.fingerprint.stage_fingerprint`: the
 settings, the execution options, the content of every input), and an entry is reused exactly when a recipe's
-stage would be (:func:`draftkit.pipeline._decide`). A killed search therefore continues with the next candidate,
+stage would be (:func:`draftkit.fingerprint.decide`). A killed search therefore continues with the next candidate,
 and a changed setting rebuilds only what depends on it.
 """
 
@@ -55,9 +55,9 @@ class Ledger:
         return stage_fingerprint(stage=stage, config=config, load=self.load, input_id=input_id, previous=previous)
 
     def reusable(self, key: str, fp: str, parts: dict[str, Any], out: Path) -> tuple[bool, str]:
-        from draftkit.pipeline import _decide
+        from draftkit.fingerprint import decide
 
-        return _decide(None, out, self.get(key), fp, parts, False)
+        return decide(out, self.get(key), fp, parts)
 
     def record(self, key: str, stage: str, fp: str, parts: dict[str, Any], work):
         """Run ``work()`` as entry ``key``: running, then done with its report (or failed/interrupted)."""
@@ -84,9 +84,15 @@ class Search:
         self.device = next(target.parameters()).device
         self.trust = bool(getattr(cfg, "_trust_remote_code", False))
         self.steps, self.cands = plan(cfg, target=target_name, rows=str(work / "regen" / ROWS_FILE))
+        from draftkit.compute import resolve_compute
+
         choice = current()
+        # the user's setting (auto or a dtype): the steps build in the search's own choice, the measurements run in
+        # the one ``spec`` would take (float32 under auto: greedy verification must stay lossless)
+        setting = choice.name if choice is not None and choice.why == "asked" else "auto"
+        self.measure_compute = resolve_compute(setting, self.device, stage="spec") if choice is not None else None
         self.load = {"dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
-                     "compute": choice.name if choice is not None else None, "device": self.device.type}
+                     "compute": setting, "device": self.device.type}
         self.ledger = Ledger(work, self.load)
         self.target_id = model_identity(target_name)
         self.fps: dict[str, str] = {}
@@ -144,7 +150,6 @@ class Search:
         from draftkit.checkpoint import load_model_and_tokenizer, save_model
         from draftkit.compute import load_dtype
         from draftkit.provenance import make_provenance
-        from draftkit.stages import check_finite
 
         if step.id == REGEN:
             from draftkit.distill import regenerate
@@ -168,14 +173,13 @@ class Search:
 
             cfg = cfg.model_copy(update={"work_dir": str(self.work / "train" / step.id)})
         model, report = run(model, tok, cfg)
-        check_finite(model, step.stage)
         provenance = make_provenance(stage=step.stage, source=self.source_path(step.input), facts=report,
                                      arguments={"config": step.config.model_dump(mode="json"), "search_step": step.id})
         save_model(model, tok, out, provenance=provenance, overwrite=True)
         keep = ("dropped_layers", "layers_after", "params_after", "sparsity", "overall_sparsity")
         facts = {k: report[k] for k in keep if k in report}
         if "train" in report:
-            facts["train"] = {k: report["train"].get(k) for k in ("examples", "steps", "train_loss_first",
+            facts["train"] = {k: report["train"].get(k) for k in ("examples", "steps", "processes", "train_loss_first",
                                                                   "train_loss_last", "seconds")}
         return facts
 
@@ -183,7 +187,7 @@ class Search:
 
     def prompt_sets(self):
         """The prompt sets with the target's greedy reference, computed once (and kept in the work folder)."""
-        from draftkit.compute import cast_for_compute
+        from draftkit.compute import cast_for_compute, computing
         from draftkit.search.measure import PromptSet, read_prompt_set, target_reference
 
         if self._sets is not None:
@@ -198,7 +202,7 @@ class Search:
             with step_lock(self.work, key):
                 if not self.ledger.reusable(key, fp, parts, out)[0]:
                     def work(ids=ids, out=out):
-                        with cast_for_compute(self.target):
+                        with computing(self.measure_compute), cast_for_compute(self.target):
                             ref = target_reference(self.target, ids, n)
                         atomic_write_json(out, {"reference": ref})
                         return {"prompts": len(ids)}
@@ -233,16 +237,19 @@ class Search:
         return self.ledger.record(key, "spec", fp, parts, lambda: self._measure(cand, path))
 
     def _with_draft(self, path: str | None, fn):
+        """``fn(draft, tokenizer)`` with the draft at ``path`` (the target when None) and the target in the
+        measurements' compute dtype, as ``spec`` loads them."""
         from draftkit.checkpoint import load_model_and_tokenizer
-        from draftkit.compute import cast_for_compute, load_dtype
+        from draftkit.compute import cast_for_compute, computing, load_dtype
 
-        if path is None:  # the target drafting for itself
-            draft, dtok = self.target, self.tok
-        else:
-            draft, dtok = load_model_and_tokenizer(path, dtype=load_dtype() or "auto", device=str(self.device),
-                                                   trust_remote_code=self.trust)
-        with cast_for_compute(self.target), cast_for_compute(None if draft is self.target else draft):
-            return fn(draft, dtok)
+        with computing(self.measure_compute):
+            if path is None:  # the target drafting for itself
+                draft, dtok = self.target, self.tok
+            else:
+                draft, dtok = load_model_and_tokenizer(path, dtype=load_dtype() or "auto", device=str(self.device),
+                                                       trust_remote_code=self.trust)
+            with cast_for_compute(self.target), cast_for_compute(None if draft is self.target else draft):
+                return fn(draft, dtok)
 
     def _measure(self, cand: Candidate, path: str | None) -> dict[str, Any]:
         from draftkit.evaluate.spec import SpecConfig
@@ -251,9 +258,10 @@ class Search:
         sets = self.prompt_sets()
         spec_cfg = SpecConfig(target=self.name, prompts=self.cfg.prompts, limit=self.cfg.prompt_limit, k=self.cfg.k,
                               max_new_tokens=self.cfg.max_new_tokens, chat=self.cfg.chat, check_lossless=False)
-        return self._with_draft(path, lambda d, t: measure(d, t, self.target, self.tok, sets, k=self.cfg.k,
-                                                           max_new_tokens=self.cfg.max_new_tokens, eos=self.eos,
-                                                           spec_cfg=spec_cfg))
+        res = self._with_draft(path, lambda d, t: measure(d, t, self.target, self.tok, sets, k=self.cfg.k,
+                                                          max_new_tokens=self.cfg.max_new_tokens, eos=self.eos,
+                                                          spec_cfg=spec_cfg))
+        return {**res, "process": self.procs.rank}
 
     @property
     def eos(self) -> int | None:
@@ -339,7 +347,7 @@ def run_search(target, tokenizer, cfg: SearchConfig, *, target_name: str) -> dic
     temp = cfg.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="draftkit-search-")) if temp else Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    with spread() as procs:
+    with spread(cpu=next(target.parameters()).device.type == "cpu") as procs:
         if procs.world > 1 and temp:
             from draftkit.errors import InvalidInputError
 
