@@ -169,7 +169,7 @@ def export_stage(model: nn.Module, tokenizer, cfg: ExportConfig):
 def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance: dict[str, Any],
                  cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     """The export stage's writer: weights (sparse or dense), config, tokenizer, model card, provenance."""
-    from draftkit.io import atomic_dir, atomic_write_json
+    from draftkit.atomic import atomic_dir, atomic_write_json
 
     fmt = provenance["facts"].get("format") or export_stage(model, tokenizer, cfg)[1]["format"]
     state = _state_dict_for_save(model)
@@ -308,7 +308,7 @@ def decompress(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
                max_shard_size: str = "5GB") -> dict[str, Any]:
     """Turn a ``sparse-bitmask`` checkpoint into dense safetensors; other files are copied, the
     sparsity part of ``quantization_config`` is removed. Nothing is loaded into a model."""
-    from draftkit.io import atomic_dir, atomic_write_json, check_output_dir
+    from draftkit.atomic import atomic_dir, atomic_write_json, check_output_dir
     from draftkit.model_files import check_folder
 
     src = Path(src)

@@ -20,7 +20,7 @@ from typing import Any
 
 from draftkit.search.config import SearchConfig
 
-__all__ = ["SearchConfig", "check_search", "estimate_bytes", "search_stage", "write_search"]
+__all__ = ["SearchConfig", "check_search", "preflight", "recipe_estimate", "search_stage", "write_search"]
 
 
 def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, Any]]:
@@ -66,7 +66,22 @@ def check_search(hf_config, cfg: SearchConfig) -> None:
         check_vllm()
 
 
-def estimate_bytes(weights: int, params: int) -> int:
-    """Peak memory of a search beside the target's weights: one draft in training (float32 master weights,
-    gradients and AdamW moments, at most the target's size) or a second copy of the target regenerating."""
-    return int(weights + max(params * 16, weights) + 0.2 * weights)
+def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int) -> int:
+    """Peak memory of a search (the registry's estimate): the target's weights, and beside them one draft in
+    training (float32 master weights, gradients and AdamW moments, at most the target's size) or a second copy of
+    the target regenerating."""
+    from draftkit.estimates import count_params
+
+    return int(size + max(count_params(hf_config) * 16, size) + 0.2 * size)
+
+
+def preflight(c, where: str, recipe, step, hf_config) -> None:
+    """The search stage's recipe checks: :func:`check_search`, and its calibration data when a candidate prunes."""
+    from draftkit.data import DEFAULT_CALIB
+    from draftkit.preflight import sample_rows
+
+    cfg = step.config
+    if hf_config is not None:
+        c.run(where, check_search, hf_config, cfg)
+    if any(d or s != "0" for d, s, _ in cfg.grid()):
+        c.run(f"{where}.calib.path", sample_rows, cfg.calib.path or DEFAULT_CALIB, cfg.calib.split)

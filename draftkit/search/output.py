@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from draftkit.io import atomic_dir, atomic_write_json, atomic_write_text
+from draftkit.atomic import atomic_dir, atomic_write_json, atomic_write_text
 from draftkit.provenance import PROVENANCE_FILE
 from draftkit.search.config import SearchConfig
 from draftkit.search.grid import heal_config, prune_config, sparsify_config

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
-from draftkit.io import atomic_write_json
+from draftkit.atomic import atomic_write_json
 from draftkit.search.config import SearchConfig
 from draftkit.search.grid import REGEN, TARGET, Candidate, frontier, mine, plan
 from draftkit.search.procs import Procs, spread, step_lock
