@@ -136,3 +136,22 @@ def test_stream_auto_keeps_small_moe_resident(tiny_moe_models, calib_file, tmp_p
     cfg = SparsifyConfig(method="magnitude", sparsity=0.5)
     assert run_stage("sparsify", str(tiny_moe_models["olmoe"]), cfg, out=tmp_path / "a",
                      load=LoadConfig(stream="auto"))["streamed"] is False
+
+
+def test_fused_keys_on_disk_stream_too(tiny_moe_models, calib_file, tmp_path):
+    """A checkpoint that stores the fused parameters under the model's names (draftkit 0.2's exports did) is read
+    as it is, its experts removed, and written in its own layout, as the resident run's save_pretrained does."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "fused"
+    shutil.copytree(tiny_moe_models["qwen3_moe"], src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors", metadata={"format": "pt"})
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(src / "model.safetensors")
+    cfg = PruneConfig(experts=2, calib=CalibConfig(path=str(calib_file), samples=4, seqlen=32))
+    reports = _both("prune", src, cfg, tmp_path)
+    assert reports["on"]["experts"] == reports["off"]["experts"]
+    stored = _identical(tmp_path / "on", tmp_path / "off")
+    assert stored["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 6
