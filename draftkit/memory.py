@@ -3,7 +3,8 @@
 The estimate is arithmetic on the config and the checkpoint's size (no weights loaded):
 
 * weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
-  to embed the calibration tokens) and one decoder layer;
+  to embed the calibration tokens) and one decoder layer (an MoE layer's plus the per-expert tensors on disk
+  its largest fused expert parameter is built from: :func:`draftkit.moe.arch.moe_stream_bytes`);
 * calibration activations: the hidden states entering and leaving the current layer, for every token
   (:data:`ACTIVATION_COPIES`); for sparsify over several chunks, what the suspended chunk forwards hold
   (:mod:`draftkit.sparsify.interleaved`, :func:`suspended_values_per_token`);
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
-from draftkit.moe.arch import moe_values_per_token
+from draftkit.moe.arch import moe_stream_bytes, moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -116,7 +117,7 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     interleaved = sparsify in ("sparsegpt", "wanda") and chunk_tokens < tokens
     parts = {
-        "weights": ckpt_bytes if not streamed else max(embed, layer),
+        "weights": ckpt_bytes if not streamed else max(embed, layer + moe_stream_bytes(tc, dtype_bytes)),
         "activations": tokens * act * (suspended_values_per_token(tc) if interleaved else ACTIVATION_COPIES * hidden),
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
             10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
@@ -201,7 +202,7 @@ _planned_store: ContextVar[torch.device | None] = ContextVar("draftkit_activatio
 
 @contextmanager
 def activation_store(device: torch.device | None) -> Iterator[None]:
-    """Within this block, a resident layer-wise run (:class:`~draftkit.layerwise.ResidentLayers`) keeps its
+    """Within this block, a resident layer-wise run (:class:`~draftkit.engine.layers.ResidentLayers`) keeps its
     activations on ``device``: the placement the memory estimate chose (:func:`activation_device`), as a
     streamed run's ``source.store`` is set."""
     token = _planned_store.set(device)
