@@ -34,7 +34,7 @@ from draftkit.atomic import (
 )
 from draftkit.branches import input_identity, step_inputs
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
-from draftkit.fingerprint import explain, stage_fingerprint
+from draftkit.fingerprint import decide, stage_fingerprint
 from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.memory import fits_comfortably
@@ -94,18 +94,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False,
 
 def _decide(step, stage_dir: Path, prev: dict[str, Any], fp: str, parts: dict[str, Any], forced: bool) -> tuple[bool, str]:
     """(reuse the saved output?, why) for one stage."""
-    if forced:
-        return False, "--from"
-    if prev.get("status") not in ("done", "gate_failed"):
-        return False, {None: "never run", "running": "killed before it finished",
-                       "failed": "failed last time", "interrupted": "interrupted last time"}.get(prev.get("status"), "not finished")
-    if "fingerprint" not in prev:
-        return False, "made by an older draftkit (no fingerprint)"
-    if not stage_dir.exists():
-        return False, "its output is missing"
-    if prev.get("fingerprint") != fp:
-        return False, explain(parts, prev.get("parts"))
-    return True, "unchanged"
+    return decide(stage_dir, prev, fp, parts, forced)
 
 
 def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:

@@ -215,8 +215,9 @@ class StreamedLayers:
                 params = {f"{self.prefix}.{old}.{n}": p for n, p in self.layers[old].named_parameters()}
                 tensors += [(self.renamed(k), s, d) for k, s, d in disk_entries(self.reader, params, self._out_dtype)]
                 by_layer[old] = self._unread(old)
-            for k in by_layer.get(old, []):
-                tensors.append((self.renamed(k), self.ckpt.shape[k], self._out_dtype(k)))
+            shapes = {f"{self.prefix}.{old}.{n}": tuple(p.shape) for n, p in self.layers[old].named_parameters()}
+            for k in by_layer.get(old, []):  # a parameter's shape as it is now (MoE: experts removed)
+                tensors.append((self.renamed(k), shapes.get(k, self.ckpt.shape[k]), self._out_dtype(k)))
         tensors += [(k, self.ckpt.shape[k], self._out_dtype(k)) for k in rest]
         return tensors
 

@@ -80,7 +80,7 @@ def _prune(cfg: PruneConfig, source, tmp: Path, tokenizer, config) -> dict[str, 
     writer = source.open_writer(tmp, keep)
     pattern_keys = source.layer_keys()
     for old in keep:
-        if source.reader is not source.ckpt:  # MoE layout: read, experts removed, written back as stored
+        if experts is not None or source.reader is not source.ckpt:  # read, experts removed, written as stored
             rewrite_layer(source, old, experts)
             continue
         for k in pattern_keys.get(old, []):  # no forward: copy each kept layer's tensors under its new number
