@@ -3,7 +3,8 @@
 The estimate is arithmetic on the config and the checkpoint's size (no weights loaded):
 
 * weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
-  to embed the calibration tokens) and one decoder layer;
+  to embed the calibration tokens) and one decoder layer (an MoE layer's plus the per-expert tensors on disk
+  its largest fused expert parameter is built from: :func:`draftkit.moe.arch.moe_stream_bytes`);
 * calibration activations: the hidden states entering and leaving the current layer, for every token
   (:data:`ACTIVATION_COPIES`);
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
-from draftkit.moe.arch import moe_values_per_token
+from draftkit.moe.arch import moe_stream_bytes, moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -98,7 +99,7 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     outside = embed * (1 if getattr(tc, "tie_word_embeddings", False) else 2)
     layer = max(0, ckpt_bytes - outside) // n_layers
     parts = {
-        "weights": ckpt_bytes if not streamed else max(embed, layer),
+        "weights": ckpt_bytes if not streamed else max(embed, layer + moe_stream_bytes(tc, dtype_bytes)),
         "activations": ACTIVATION_COPIES * tokens * hidden * act,
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
             10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
