@@ -42,17 +42,10 @@ GB = 1e9
 
 
 def available_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (or the physical memory where that file does not exist)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * 2**30
+    """The memory available to a new allocation without swapping (psutil's ``available``: MemAvailable on Linux)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def available_device_bytes(device: torch.device) -> int | None:
@@ -197,7 +190,7 @@ def fits_comfortably(model) -> bool:
     return size <= STREAM_ABOVE_BYTES and size <= 0.25 * (free or 0)
 
 
-_planned_store: ContextVar[torch.device | None] = ContextVar("draftkit_activation_store", default=None)
+_chosen_store: ContextVar[torch.device | None] = ContextVar("draftkit_activation_store", default=None)
 
 
 @contextmanager
@@ -205,16 +198,16 @@ def activation_store(device: torch.device | None) -> Iterator[None]:
     """Within this block, a resident layer-wise run (:class:`~draftkit.engine.layers.ResidentLayers`) keeps its
     activations on ``device``: the placement the memory estimate chose (:func:`activation_device`), as a
     streamed run's ``source.store`` is set."""
-    token = _planned_store.set(device)
+    token = _chosen_store.set(device)
     try:
         yield
     finally:
-        _planned_store.reset(token)
+        _chosen_store.reset(token)
 
 
-def planned_activation_store() -> torch.device | None:
+def chosen_activation_store() -> torch.device | None:
     """The placement set by :func:`activation_store`; None outside one (activations stay where they are made)."""
-    return _planned_store.get()
+    return _chosen_store.get()
 
 
 def gb(n: int) -> float:
@@ -227,14 +220,14 @@ _pending_compute: list[str] = []
 
 
 def announce_compute(line: str | None) -> None:
-    """Keep the compute-dtype choice (``compute bfloat16 (auto: ...)``) for the plan line, printed like the
-    estimate once the heavy work starts (or at the end of :func:`plan_line` when a stage never says so)."""
+    """Keep the compute-dtype choice (``compute bfloat16 (auto: ...)``) for the estimate line, printed like the
+    estimate once the heavy work starts (or at the end of :func:`estimate_line` when a stage never says so)."""
     _pending_compute[:] = [line] if line else []
 
 
 @contextlib.contextmanager
-def plan_line(*, flush: bool = True) -> Iterator[None]:
-    """Around a stage: on an error the pending plan line is forgotten (the error is the one line printed);
+def estimate_line(*, flush: bool = True) -> Iterator[None]:
+    """Around a stage: on an error the pending estimate line is forgotten (the error is the one line printed);
     with ``flush``, what is still pending once the block succeeds (a stage that never said its heavy work
     started) is printed then."""
     try:
