@@ -219,8 +219,8 @@ def test_estimate_matches_what_the_suspended_forwards_hold(tiny_llama, calib_fil
 def test_check_finite_reads_large_tensors_in_parts():
     """The check before saving reads 16M values at a time (a whole bf16 Llama-3 embedding made 1.2 GB of
     temporaries): a NaN in the last part of a tensor larger than one part is still found."""
-    from draftkit.errors import NonFiniteError
     from draftkit.checkpoint.write import check_finite
+    from draftkit.errors import NonFiniteError
 
     module = torch.nn.Module()
     module.w = torch.nn.Parameter(torch.zeros(2**24 + 3, dtype=torch.bfloat16), requires_grad=False)
