@@ -280,24 +280,29 @@ def release_freed_memory() -> None:
         pass
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_ARENA_MAX = -8  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def share_one_heap() -> None:
-    """Make threads created from now on allocate from the heaps that exist (glibc ``mallopt(M_ARENA_MAX, 1)``).
+    """Make memory freed by one thread reusable by the others, and large blocks go back to the OS when freed
+    (glibc ``mallopt``: ``M_ARENA_MAX`` 1 and a fixed 1 MiB ``M_MMAP_THRESHOLD``).
 
-    glibc gives each new thread a heap ("arena") of its own, up to 8 per core, and keeps what a thread frees in
-    its heap for that heap's next allocations. Chunked sparsify runs each chunk's layer forward in a thread of its
-    own (:mod:`draftkit.sparsify.interleaved`): with a heap each, every chunk's freed transients stayed reserved
-    (peak RSS 1.82 GB for 8 chunks of 4096 tokens on SmolLM2-135M against 1.55 GB for one chunk of 32768), where
-    sharing lets each chunk reuse the memory the one before freed. The threads never allocate at the same time (one
-    runs at a time), so the shared heap's lock costs nothing. A no-op where the C library has no ``mallopt``.
+    glibc gives each new thread a heap ("arena") of its own and keeps what a thread frees in its heap for that
+    heap's next allocations; blocks above the mmap threshold are mapped and unmapped instead, but the threshold
+    grows with the blocks freed (up to 32 MiB), so a chunk's activations (a few MiB each) end up in the heaps.
+    Chunked sparsify runs each chunk's layer forward in a thread of its own (:mod:`draftkit.sparsify.interleaved`):
+    with a heap each, every chunk's freed transients stayed reserved (peak RSS 1.82 GB for 8 chunks of 4096 tokens
+    on SmolLM2-135M against 1.55 GB for one chunk of 32768). The threads never allocate at the same time (one runs
+    at a time), so sharing costs no lock contention; mapping each large block costs its page faults, as the single
+    pass's blocks (all above 32 MiB) always did. A no-op where the C library has no ``mallopt``.
     """
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL("libc.so.6")
         _libc.mallopt(M_ARENA_MAX, 1)
+        _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass
-
