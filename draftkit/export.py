@@ -177,12 +177,21 @@ def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance
         want = torch_dtype(cfg.dtype)
         state = {k: v.to(want) if v.is_floating_point() else v for k, v in state.items()}
     dense_bytes = sum(nbytes(t) for t in state.values())
-    modules = list(sparse_modules(model, cfg.min_sparsity)) if fmt == "sparse" else []
-    report: dict[str, Any] = {}
+    sparse = sparse_modules(model, cfg.min_sparsity) if fmt == "sparse" else {}
+    modules = list(sparse)
+    from draftkit.memory import release_freed_memory
+    from draftkit.memory_stages import announce, export_estimate
+
+    cast = torch_dtype(cfg.dtype)
+    cast = cast if isinstance(cast, torch.dtype) else None
+    report: dict[str, Any] = {"memory_estimate_gb": announce(export_estimate(_state_dict_for_save(model), sparse, cast),
+                                                             "whole model in memory")}
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if fmt == "sparse":
-            tensors = compress_state_dict(state, modules)
+            # each weight's mask and index temporaries handed back at once: left to malloc, the freed pages of
+            # one weight sit between the next ones' kept tensors and the peak varied by a model's size run to run
+            tensors = compress_state_dict(state, modules, after_each=release_freed_memory)
             theory = 0.0
             layout = 0
             for m in modules:
