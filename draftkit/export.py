@@ -182,8 +182,8 @@ def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance
     from draftkit.memory import release_freed_memory
     from draftkit.memory_stages import announce, export_estimate
 
-    cast = torch_dtype(cfg.dtype)
-    cast = cast if isinstance(cast, torch.dtype) else None
+    written = torch_dtype(cfg.dtype)
+    cast = written if isinstance(written, torch.dtype) else None
     report: dict[str, Any] = {"memory_estimate_gb": announce(export_estimate(_state_dict_for_save(model), sparse, cast),
                                                              "whole model in memory")}
     out = Path(out)
