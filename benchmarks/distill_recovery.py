@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from draftkit import console
+from draftkit.atomic import atomic_write_json
 from draftkit.checkpoint import load_model_and_tokenizer
 from draftkit.data import CalibConfig
 from draftkit.distill import DistillConfig
 from draftkit.distill.templates import DEFAULT_TEMPLATE, INSTRUCTION_ONLY_TEMPLATE
 from draftkit.evaluate.tasks import tiny_arith
-from draftkit.io import atomic_write_json
 from draftkit.provenance import versions
 from draftkit.prune import PruneConfig
 from draftkit.stages import run_stage

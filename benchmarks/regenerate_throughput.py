@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
+from draftkit.atomic import atomic_write_json
 from draftkit.checkpoint import load_model_and_tokenizer
 from draftkit.distill import DistillConfig, HFEngine, load_examples
 from draftkit.distill.regenerate import teacher_prompt_ids
 from draftkit.distill.templates import DEFAULT_TEMPLATE, INSTRUCTION_ONLY_TEMPLATE
-from draftkit.io import atomic_write_json
 from draftkit.modeling import count_parameters
 from draftkit.provenance import versions
 

@@ -41,7 +41,7 @@ def _model_step(recipe, ref, step, what: str):
     from draftkit.stages import stages
 
     found = find_step(recipe, ref, step.index)
-    if found is not None and stages()[found.name].save is not None:
+    if found is not None and not stages()[found.name].makes_model:
         raise InvalidInputError(f"stages[{step.index}].{step.name}: {what} {ref!r} names {found.dirname}, which "
                                 "writes no model: name a stage that makes one (prune, sparsify, distill, merge)")
     return found

@@ -47,7 +47,7 @@ def _size(p: Path) -> int:
 def enforce_limit(limit: int | None = None, root: Path | None = None) -> list[Path]:
     """Delete the least recently used cache entries until the cache fits ``limit`` (``DRAFTKIT_CACHE_LIMIT``;
     no limit when unset). Returns what was deleted."""
-    from draftkit.io import cache_root
+    from draftkit.atomic import cache_root
 
     if limit is None:
         limit = env_limit()

@@ -22,8 +22,6 @@ from typing import Any
 from draftkit.errors import InvalidInputError
 
 TOLERANCE = 0.02  # a relative change for the worse beyond this counts as a regression in the attribution
-# the metric each stage's max_regression bounds
-RELATIVE_GATES = {"eval": "mean_recovery", "spec": "mal"}
 
 
 def load_previous(sources: list[str]) -> list[dict[str, Any]]:
@@ -74,22 +72,33 @@ def run_metrics(run_report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = {"value": float(value), "role": role, "higher_is_better": higher}
 
+    from draftkit.registry import stage as registered
+
     for i, s in enumerate(run_report.get("stages") or []):
         r, tag = s.get("report") or {}, f"{i:02d}-{s.get('stage')}"
-        if s.get("stage") == "eval":
-            base = (r.get("baseline") or {}).get("tasks") or {}
-            for task, metrics in (r.get("tasks") or {}).items():
-                m = (r.get("primary") or {}).get(task)
-                if not m or not isinstance(metrics, dict):
-                    continue
-                higher = not _lower_is_better(m)
-                put(f"{tag} {task} {m}", metrics.get(m), "draft", higher)
-                put(f"{tag} baseline {task} {m}", (base.get(task) or {}).get(m), "target", higher)
-            put(f"{tag} mean_recovery", r.get("mean_recovery"), "draft")
-        elif s.get("stage") == "spec":
-            for key in ("mal", "acceptance_rate"):
-                put(f"{tag} {key}", r.get(key), "draft")
+        entry = registered(str(s.get("stage")))
+        if entry is not None and entry.compared is not None:  # the stage's own metrics (draftkit.registry)
+            entry.compared(r, tag, put)
     return out
+
+
+def eval_metrics(r: dict[str, Any], tag: str, put) -> None:
+    """An eval stage's metrics: each task's primary metric, its baseline's, and the mean recovery."""
+    base = (r.get("baseline") or {}).get("tasks") or {}
+    for task, metrics in (r.get("tasks") or {}).items():
+        m = (r.get("primary") or {}).get(task)
+        if not m or not isinstance(metrics, dict):
+            continue
+        higher = not _lower_is_better(m)
+        put(f"{tag} {task} {m}", metrics.get(m), "draft", higher)
+        put(f"{tag} baseline {task} {m}", (base.get(task) or {}).get(m), "target", higher)
+    put(f"{tag} mean_recovery", r.get("mean_recovery"), "draft")
+
+
+def spec_metrics(r: dict[str, Any], tag: str, put) -> None:
+    """A spec stage's metrics: the mean accepted length and the acceptance rate."""
+    for key in ("mal", "acceptance_rate"):
+        put(f"{tag} {key}", r.get(key), "draft")
 
 
 def _change(now: float, last: float | None) -> float | None:
@@ -136,10 +145,13 @@ def _label(run: dict[str, Any]) -> str:
 def relative_gates(current: dict[str, Any], previous: list[dict[str, Any]], configs: list[Any]) -> list[dict[str, Any]]:
     """``max_regression`` of each eval/spec stage against the last run (skipped, and passed, without one)."""
     last = previous[-1] if previous else None
+    from draftkit.registry import stage as registered
+
     results = []
     for i, (s, cfg) in enumerate(zip(current.get("stages") or [], configs, strict=False)):
         threshold = getattr(cfg, "max_regression", None)
-        metric = RELATIVE_GATES.get(s.get("stage"))
+        entry = registered(str(s.get("stage")))
+        metric = entry.relative_gate if entry is not None else None  # the metric its max_regression bounds
         if threshold is None or metric is None:
             continue
         value = (s.get("report") or {}).get(metric)

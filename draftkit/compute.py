@@ -95,22 +95,18 @@ def fast_bf16(device: torch.device | str, *, flags: frozenset[str] | set[str] | 
 def resolve_compute(setting: str, device: torch.device | str, *, flags: frozenset[str] | set[str] | None = None,
                     stage: str | None = None) -> ComputeChoice:
     """``setting`` on ``device``: an explicit dtype as asked; ``auto`` is bfloat16 where :func:`fast_bf16` says
-    so and float32 elsewhere (and for a stage listed in :data:`AUTO_FLOAT32`, with the reason)."""
+    so and float32 elsewhere (and for a stage that registers ``auto_float32``, float32 with its reason)."""
     if setting != "auto":
         return ComputeChoice(_DTYPES[setting], "asked")
-    if stage in AUTO_FLOAT32:
-        return ComputeChoice(torch.float32, f"auto: {AUTO_FLOAT32[stage]}")
+    from draftkit.registry import stage as registered
+
+    entry = registered(stage or "")
+    if entry is not None and entry.auto_float32:  # a stage whose result bf16 changes beyond noise (README)
+        return ComputeChoice(torch.float32, f"auto: {entry.auto_float32}")
     why = fast_bf16(device, flags=flags)
     if why is not None:
         return ComputeChoice(torch.bfloat16, f"auto: {why}")
     return ComputeChoice(torch.float32, f"auto: no fast bf16 on {torch.device(device).type}")
-
-
-# Stages whose result bf16 compute changes beyond noise keep float32 under ``auto`` (README, "compute dtype").
-AUTO_FLOAT32: dict[str, str] = {
-    "spec": "greedy spec must stay lossless; in bf16 the target's one-token decode and its batched verification "
-            "round differently and broke it on 1 of 8 SmolLM2-135M prompts (benchmarks/compute_dtype.py)",
-}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -97,20 +97,15 @@ class Interrupted(KeyboardInterrupt):
         return signal.Signals(self.signum).name
 
 
-# what to lower when a GPU runs out of memory, by command (its cli module's name)
+# what to lower when a GPU runs out of memory in a command that is not one stage (a stage registers its own:
+# draftkit.registry)
 OOM_SETTINGS = {
-    "prune": "--batch-size or --samples, or pass --stream on",
-    "sparsify": "--chunk-tokens or --samples, or pass --stream on",
-    "distill": "--train-batch-size or --max-length (or pass --gradient-checkpointing); for regeneration --batch-size",
-    "evaluate": "--batch-size or --ppl-seqlen",
-    "spec": "--max-new-tokens, or use a smaller target",
-    "export": "--max-shard-size",
     "run": "the failing stage's sizes in the recipe (prune: batch_size, calib.samples; sparsify: chunk_tokens, "
            "calib.samples; distill: train_batch_size, max_length; eval: batch_size), or set load.stream: on",
 }
 
 
-def out_of_memory_line(exc: BaseException, command: str | None = None) -> str | None:
+def out_of_memory_line(exc: BaseException, command: str | None = None, lower: str | None = None) -> str | None:
     """The one line for a GPU out-of-memory error (``torch.OutOfMemoryError``), naming the setting to lower;
     None for any other error. Never imports torch (a command that did not load it raised something else)."""
     import sys
@@ -118,5 +113,5 @@ def out_of_memory_line(exc: BaseException, command: str | None = None) -> str | 
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(exc, torch.OutOfMemoryError):
         return None
-    lower = OOM_SETTINGS.get(command or "", "the batch or calibration sizes")
+    lower = lower or OOM_SETTINGS.get(command or "", "the batch or calibration sizes")
     return f"the GPU ran out of memory{f' in {command}' if command else ''}: lower {lower}, or use --device cpu"

@@ -38,6 +38,7 @@ from draftkit.checkpoint import (
     write_safetensors,
 )
 from draftkit.errors import InvalidInputError, ModelLoadError
+from draftkit.moe.layout import StoredLayout, stored_layout
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
 from draftkit.sparsify.masks import is_nm_sparse, target_linears, tensor_sparsity
 
@@ -113,11 +114,23 @@ def sparse_modules(model: nn.Module, min_sparsity: float) -> dict[str, float]:
     return out
 
 
-def sparsity_structure(model: nn.Module, modules: list[str]) -> str:
-    named = dict(model.named_modules())
-    if modules and all(is_nm_sparse(named[m].weight, 2, 4) for m in modules):
+def sparsity_structure(state: dict[str, torch.Tensor], modules: list[str]) -> str:
+    if modules and all(is_nm_sparse(state[f"{m}.weight"], 2, 4) for m in modules):
         return "2:4"
     return "unstructured"
+
+
+def stored_targets(model: nn.Module, state: dict[str, torch.Tensor], min_sparsity: float) -> tuple[StoredLayout, list[str]]:
+    """``state`` in the layout checkpoints store (an MoE's fused experts as one 2-D weight per expert and
+    projection, :mod:`draftkit.moe.layout`) and the weights to compress there: the sparse decoder linears and
+    the sparse expert weights, by stored module name."""
+    layout = stored_layout(model, state, list(target_linears(model)))
+    modules = [layout.rename.get(m, m) for m in sparse_modules(model, min_sparsity)]
+    for key in layout.experts:
+        s = tensor_sparsity(layout.state[key])
+        if s > 0 and s >= min_sparsity:
+            modules.append(key.removesuffix(".weight"))
+    return layout, modules
 
 
 def global_sparsity(model: nn.Module) -> float:
@@ -130,17 +143,19 @@ def global_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def make_sparsity_config(model: nn.Module, modules: list[str]) -> dict[str, Any]:
-    """``sparsity_config`` exactly as compressed-tensors 0.14's ``BitmaskConfig.model_dump()`` wrote it."""
+def make_sparsity_config(model: nn.Module, modules: list[str], layout: StoredLayout) -> dict[str, Any]:
+    """``sparsity_config`` exactly as compressed-tensors 0.14's ``BitmaskConfig.model_dump()`` wrote it (module
+    names as stored: ``modules`` and ``layout``, :func:`stored_targets`)."""
     compressed = set(modules)
-    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in compressed]
+    ignore = [layout.rename.get(name, name) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and layout.rename.get(name, name) not in compressed]
     return {
         "registry_requires_subclass": False,
         "format": SPARSE_FORMAT,
         "targets": ["Linear"],
         "ignore": ignore,
         "global_sparsity": global_sparsity(model),
-        "sparsity_structure": sparsity_structure(model, modules),
+        "sparsity_structure": sparsity_structure(layout.state, modules),
     }
 
 
@@ -154,11 +169,11 @@ def check_export(hf_config, cfg: ExportConfig) -> None:
 
 def export_stage(model: nn.Module, tokenizer, cfg: ExportConfig):
     """Decide the format (the model is not changed; the files are written by :func:`write_export`)."""
-    modules = sparse_modules(model, cfg.min_sparsity)
+    _, modules = stored_targets(model, _state_dict_for_save(model), cfg.min_sparsity)
     fmt = cfg.format if cfg.format != "auto" else ("sparse" if modules else "dense")
     if fmt == "sparse" and not modules:
         raise InvalidInputError(
-            f"the model has no sparse linear weights (none with >= {cfg.min_sparsity:.0%} zeros): "
+            f"the model has no sparse linear or expert weights (none with >= {cfg.min_sparsity:.0%} zeros): "
             "export it with --format dense, or sparsify it first (draftkit sparsify)"
         )
     dtype = cfg.dtype if cfg.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -169,22 +184,21 @@ def export_stage(model: nn.Module, tokenizer, cfg: ExportConfig):
 def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance: dict[str, Any],
                  cfg: ExportConfig, overwrite: bool = False) -> dict[str, Any]:
     """The export stage's writer: weights (sparse or dense), config, tokenizer, model card, provenance."""
-    from draftkit.io import atomic_dir, atomic_write_json
+    from draftkit.atomic import atomic_dir, atomic_write_json
 
     fmt = provenance["facts"].get("format") or export_stage(model, tokenizer, cfg)[1]["format"]
     state = _state_dict_for_save(model)
     if cfg.dtype != "auto":
         want = torch_dtype(cfg.dtype)
         state = {k: v.to(want) if v.is_floating_point() else v for k, v in state.items()}
+    stored, targets = stored_targets(model, state, cfg.min_sparsity)  # an MoE's experts one by one, as stored
+    state = stored.state
     dense_bytes = sum(nbytes(t) for t in state.values())
-    sparse = sparse_modules(model, cfg.min_sparsity) if fmt == "sparse" else {}
-    modules = list(sparse)
+    modules = targets if fmt == "sparse" else []
     from draftkit.memory import release_freed_memory
     from draftkit.memory_stages import announce, export_estimate
 
-    written = torch_dtype(cfg.dtype)
-    cast = written if isinstance(written, torch.dtype) else None
-    report: dict[str, Any] = {"memory_estimate_gb": announce(export_estimate(_state_dict_for_save(model), sparse, cast),
+    report: dict[str, Any] = {"memory_estimate_gb": announce(export_estimate(model, state, modules),
                                                              "whole model in memory")}
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -200,7 +214,7 @@ def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance
                 theory += theoretical_layout_bytes(w.shape, s, w.element_size())
                 layout += sum(nbytes(tensors[f"{m}.{k}"]) for k in PARAM_NAMES)
             others = sum(nbytes(t) for n, t in tensors.items() if n.rpartition(".")[0] not in set(modules))
-            sc = make_sparsity_config(model, modules)
+            sc = make_sparsity_config(model, modules, stored)
             report.update(
                 sparsity_structure=sc["sparsity_structure"],
                 global_sparsity=round(sc["global_sparsity"], 6),
@@ -317,7 +331,7 @@ def decompress(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: boo
                max_shard_size: str = "5GB") -> dict[str, Any]:
     """Turn a ``sparse-bitmask`` checkpoint into dense safetensors; other files are copied, the
     sparsity part of ``quantization_config`` is removed. Nothing is loaded into a model."""
-    from draftkit.io import atomic_dir, atomic_write_json, check_output_dir
+    from draftkit.atomic import atomic_dir, atomic_write_json, check_output_dir
     from draftkit.model_files import check_folder
 
     src = Path(src)

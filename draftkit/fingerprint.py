@@ -18,20 +18,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Config fields that name other models and data, per stage: (dotted field, kind).
-REFERENCES: dict[str, tuple[tuple[str, str], ...]] = {
-    "prune": (("calib.path", "data"),),
-    "sparsify": (("calib.path", "data"),),
-    "distill": (("teacher", "model"), ("dataset", "data")),
-    "eval": (("baseline", "model"), ("ppl", "data"), ("arith_data", "data"), ("include_path", "data")),
-    "spec": (("target", "model"), ("prompts", "data")),
-    "merge": (("base", "model"),),  # its models are its inputs (draftkit.branches.input_identity)
-}
 _CHUNK = 1 << 22
 
 
 def _cache_path() -> Path:
-    from draftkit.io import cache_root
+    from draftkit.atomic import cache_root
 
     return cache_root() / "content-hashes.json"
 
@@ -65,7 +56,7 @@ class _HashCache:
         if not self.dirty:
             return
         try:
-            from draftkit.io import atomic_write_text
+            from draftkit.atomic import atomic_write_text
 
             atomic_write_text(self.path, json.dumps(self.data))
         except OSError:  # a read-only home: hashes are recomputed next time, nothing else changes
@@ -155,7 +146,8 @@ def data_identity(source: str) -> str:
     return f"hub:{source}@{_hub_commit(name, 'dataset') or 'uncached'}"
 
 
-def _get(data: dict, dotted: str) -> Any:
+def get_field(data: dict, dotted: str) -> Any:
+    """``data`` at a dotted path (``calib.path``); None where a part is missing."""
     cur: Any = data
     for part in dotted.split("."):
         if not isinstance(cur, dict):
@@ -165,18 +157,22 @@ def _get(data: dict, dotted: str) -> Any:
 
 
 def references(stage: str, config: dict[str, Any]) -> dict[str, str]:
-    """Identity and content of every model and data source a stage's config names (besides its input)."""
+    """Identity and content of every model and data source a stage's config names (besides its input), as the
+    stage registers them (:mod:`draftkit.registry`)."""
+    from draftkit.registry import stage as registered
+
+    entry = registered(stage)
     out: dict[str, str] = {}
-    for field, kind in REFERENCES.get(stage, ()):
-        value = _get(config, field)
-        if stage == "distill" and field == "teacher" and config.get("regenerate") is False:
-            continue
+    for field, kind in entry.reference_fields(config) if entry is not None else ():
+        value = get_field(config, field)
         if isinstance(value, str) and value:
-            out[field] = model_identity(value) if kind == "model" else data_identity(value)
-    template = config.get("template")
-    if stage == "distill" and isinstance(template, str):
-        out["template"] = hashlib.sha256(template.encode()).hexdigest()[:16]
+            out[field] = {"model": model_identity, "data": data_identity}.get(kind, text_identity)(value)
     return out
+
+
+def text_identity(text: str) -> str:
+    """A setting that is itself content (distill's inline template): its hash."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def stage_fingerprint(*, stage: str, config: dict[str, Any], load: dict[str, Any], input_id: str,

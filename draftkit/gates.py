@@ -17,21 +17,30 @@ from __future__ import annotations
 
 from typing import Any
 
-# gate fields per stage: (field, metric it bounds, ">=" or "<=")
-GATES: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "eval": (("min_recovery", "mean_recovery", ">="), ("min_task_recovery", "recovery", ">=")),
-    "spec": (("min_mal", "mal", ">="), ("min_acceptance", "acceptance_rate", ">="), ("min_speedup", "speedup", ">=")),
-}
+
+def _gates(stage: str) -> tuple[tuple[str, str, str], ...]:
+    """The gate fields a stage registers (:mod:`draftkit.registry`): (field, metric it bounds, ">=" or "<=")."""
+    from draftkit.registry import stage as registered
+
+    entry = registered(stage)
+    return tuple(entry.gates) if entry is not None else ()
+
+
 # report keys an engine writes its measured speedup under (spec --engine hf|vllm), first found wins
 SPEEDUP_KEYS = ("speedup", "engine_speedup")
 
 
-# relative gates, judged on the run report against the last run (draftkit.compare)
-RELATIVE: dict[str, tuple[str, ...]] = {"eval": ("max_regression",), "spec": ("max_regression",)}
+# the relative gate, judged on the run report against the last run (draftkit.compare), of a stage that registers
+# the metric it bounds (``relative_gate``)
+RELATIVE_FIELD = "max_regression"
 
 
 def gate_fields(stage: str) -> tuple[str, ...]:
-    return tuple(f for f, _, _ in GATES.get(stage, ())) + RELATIVE.get(stage, ())
+    from draftkit.registry import stage as registered
+
+    entry = registered(stage)
+    relative = (RELATIVE_FIELD,) if entry is not None and entry.relative_gate else ()
+    return tuple(f for f, _, _ in _gates(stage)) + relative
 
 
 def without_gates(stage: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +70,7 @@ def _one(gate: str, metric: str, value: float | None, threshold: float, op: str 
 def evaluate_gates(stage: str, cfg: Any, report: dict[str, Any]) -> list[dict[str, Any]]:
     """The result of every gate ``cfg`` sets, judged on the metrics in ``report`` (a pure function)."""
     results: list[dict[str, Any]] = []
-    for field, metric, op in GATES.get(stage, ()):
+    for field, metric, op in _gates(stage):
         threshold = getattr(cfg, field, None) if not isinstance(cfg, dict) else cfg.get(field)
         if threshold is None:
             continue
@@ -92,7 +101,7 @@ def judge(stage: str, cfg: Any, report: dict[str, Any]) -> dict[str, Any]:
     failed = [r["message"] for r in results if not r["passed"]]
     shown = "; ".join(failed) if failed else "; ".join(r["message"] for r in results)
     gate: dict[str, Any] = {"passed": passed, "message": f"quality gate {'passed' if passed else 'failed'}: {shown}"}
-    for field, metric, _ in GATES[stage]:  # the thresholds and headline values, flat (report.md, plots)
+    for field, metric, _ in _gates(stage):  # the thresholds and headline values, flat (report.md, plots)
         value = getattr(cfg, field, None) if not isinstance(cfg, dict) else cfg.get(field)
         if value is not None:
             gate[field] = value
@@ -107,7 +116,7 @@ def rejudge_stored(stage: str, cfg: Any, report: dict[str, Any], stage_dir) -> d
     import json
     from pathlib import Path
 
-    from draftkit.io import atomic_write_json
+    from draftkit.atomic import atomic_write_json
 
     before = (report.get("gates"), report.get("passed"))
     judge(stage, cfg, report)

@@ -22,16 +22,18 @@ def check_inputs(stage: str, model_name: str, cfg: Any) -> None:
         ModelLoadError, DataError: one line naming the input.
     """
     from draftkit.errors import DataError
-    from draftkit.fingerprint import REFERENCES, _get
+    from draftkit.fingerprint import get_field
     from draftkit.refs import resolve_model_ref
+    from draftkit.registry import stage as registered
 
     resolve_model_ref(model_name)
     data = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
-    for field, kind in REFERENCES.get(stage, ()):
-        value = _get(data, field)
+    entry = registered(stage)
+    for field, kind in entry.reference_fields(data) if entry is not None else ():
+        value = get_field(data, field)
         if not isinstance(value, str) or not value:
             continue
         if kind == "model":
             resolve_model_ref(value)
-        elif looks_local(value) and not Path(value).expanduser().exists():
+        elif kind == "data" and looks_local(value) and not Path(value).expanduser().exists():
             raise DataError(f"{field.split('.')[0]} file {value} does not exist")

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from draftkit.atomic import LOCK_FILE
 from draftkit.errors import LockedError
-from draftkit.io import LOCK_FILE
 
 try:
     import fcntl

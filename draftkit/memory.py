@@ -181,7 +181,7 @@ _planned_store: ContextVar[torch.device | None] = ContextVar("draftkit_activatio
 
 @contextmanager
 def activation_store(device: torch.device | None) -> Iterator[None]:
-    """Within this block, a resident layer-wise run (:class:`~draftkit.layerwise.ResidentLayers`) keeps its
+    """Within this block, a resident layer-wise run (:class:`~draftkit.engine.layers.ResidentLayers`) keeps its
     activations on ``device``: the placement the memory estimate chose (:func:`activation_device`), as a
     streamed run's ``source.store`` is set."""
     token = _planned_store.set(device)

@@ -5,8 +5,8 @@ Arithmetic on the models in memory and the checkpoints' sizes, printed as the ot
 ``memory_estimate_gb``:
 
 * export: the Python process, the model's weights (each unique tensor once) and what the writer makes beside
-  them: the sparse-bitmask tensors of every compressed weight (:func:`draftkit.bitmask.layout_bytes` at its
-  measured sparsity) and, with ``--dtype``, a cast copy of every tensor;
+  them: the sparse-bitmask tensors of every compressed weight (:func:`draftkit.bitmask.layout_bytes` of its
+  non-zeros) and the written tensors that are copies (``--dtype`` casts; an MoE's experts split when that copies);
 * spec: the process, the draft as it is in memory, the target in the compute dtype and, while the target loads
   in another dtype than the one it is stored in, its stored weights (transformers reads them whole, then casts);
 * merge: a lighter process (no model code is imported, :data:`LIGHT_PROCESS_BYTES`) and the row chunks of every
@@ -40,29 +40,26 @@ def model_bytes(model) -> int:
     return total
 
 
-def export_estimate(state: dict[str, torch.Tensor], sparse: dict[str, float], dtype: torch.dtype | None) -> MemoryEstimate:
-    """Peak of writing ``state`` (unique tensors) with the modules ``sparse`` (name -> fraction of zeros)
-    compressed, cast to ``dtype`` when given."""
+def export_estimate(model, written: dict[str, torch.Tensor], compressed: list[str]) -> MemoryEstimate:
+    """Peak of writing ``written`` (the tensors as stored: cast, an MoE's experts split) for ``model`` with the
+    weights of the modules ``compressed`` in the sparse-bitmask layout."""
     from draftkit.bitmask import layout_bytes
 
-    weights = sum(t.numel() * t.element_size() for t in state.values())
-    cast = 0
-    if dtype is not None:
-        cast = sum(t.numel() * dtype.itemsize for t in state.values() if t.is_floating_point() and t.dtype != dtype)
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    copies = sum(t.numel() * t.element_size() for t in written.values() if t.untyped_storage().data_ptr() not in own)
     layouts = 0
-    for name, s in sparse.items():
-        w = state[f"{name}.weight"]
-        size = dtype.itemsize if dtype is not None and w.is_floating_point() else w.element_size()
-        layouts += layout_bytes(tuple(w.shape), round((1.0 - s) * w.numel()), size)
-    parts = {"weights": weights, "cast_copy": cast, "sparse_layout": layouts}
+    for name in compressed:
+        w = written[f"{name}.weight"]
+        layouts += layout_bytes(tuple(w.shape), int(torch.count_nonzero(w)), w.element_size())
+    parts = {"weights": model_bytes(model), "cast_copy": copies, "sparse_layout": layouts}
     return MemoryEstimate(PROCESS_BYTES + sum(parts.values()), 0, parts, "cpu")
 
 
 def spec_estimate(draft, target: str, *, compute: torch.dtype | None, trust_remote_code: bool) -> MemoryEstimate:
     """Peak of loading ``target`` beside ``draft`` (in memory) for speculative decoding on the CPU or a GPU."""
     from draftkit.checkpoint import load_config, resolve_model_ref
+    from draftkit.estimates import count_params
     from draftkit.memory import checkpoint_bytes
-    from draftkit.plan import count_params
 
     config = load_config(target, trust_remote_code=trust_remote_code)
     stored_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32

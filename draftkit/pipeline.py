@@ -25,11 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit import console
-from draftkit.branches import input_identity, step_inputs
-from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
-from draftkit.fingerprint import explain, stage_fingerprint
-from draftkit.gates import rejudge_stored, run_verdict
-from draftkit.io import (
+from draftkit.atomic import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
@@ -37,6 +33,10 @@ from draftkit.io import (
     config_paths,
     is_draftkit_output,
 )
+from draftkit.branches import input_identity, step_inputs
+from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
+from draftkit.fingerprint import explain, stage_fingerprint
+from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.memory import fits_comfortably
 from draftkit.oserrors import user_error
@@ -111,7 +111,7 @@ def _decide(step, stage_dir: Path, prev: dict[str, Any], fp: str, parts: dict[st
 
 def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
     """What ``run`` would do, without doing it: each stage, run or skip and why, estimated time and memory."""
-    from draftkit.plan import human_bytes, stage_estimates
+    from draftkit.estimates import human_bytes, stage_estimates
 
     out = Path(recipe.header.output)
     force_from = _start_index(recipe, from_stage)
@@ -141,10 +141,10 @@ def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
                      "estimated_seconds": None if reuse else prev.get("seconds"),
                      "estimated_memory_bytes": est["memory_bytes"],
                      "estimated_memory": human_bytes(est["memory_bytes"])})
-        if not reuse and registry[step.name].save is None:
+        if not reuse and registry[step.name].makes_model:
             rewritten.add(str(stage_dir))
         previous = fps[step.index] = fp
-        if registry[step.name].save is None:
+        if registry[step.name].makes_model:
             current = str(stage_dir)
     return {"recipe": recipe.name, "output": str(out), "dry_run": True, "stages": rows}
 

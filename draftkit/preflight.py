@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from draftkit.errors import DraftkitError, InvalidInputError
+from draftkit.input_errors import first_line
 
 HUB_FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 SAMPLE_ROWS = 5
@@ -51,11 +52,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +128,7 @@ def sample_rows(source: str, split: str = "train", n: int = SAMPLE_ROWS) -> list
         stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
         rows = [dict(r) for _, r in zip(range(n), stream, strict=False)]
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"hub dataset {source} (split {split}) cannot be read: {_first_line(exc)[:200]}") from None
+        raise DataError(f"hub dataset {source} (split {split}) cannot be read: {first_line(exc)[:200]}") from None
     if not rows:
         raise DataError(f"hub dataset {source} split {split} is empty")
     return rows
@@ -176,17 +172,18 @@ def _read_head(files: list[Path], n: int) -> list[dict[str, Any]]:
 
 
 class _Collector:
-    def __init__(self) -> None:
+    def __init__(self, environment: bool = True) -> None:
         self.problems: list[Problem] = []
+        self.environment = environment  # also check this machine (extras installed, device)
 
     def run(self, where: str, fn, *args, **kwargs) -> Any:
         """Call ``fn``; a user-facing error becomes a problem at ``where`` (None returned)."""
         try:
             return fn(*args, **kwargs)
         except DraftkitError as exc:
-            self.add(where, _first_line(exc))
+            self.add(where, first_line(exc))
         except (OSError, ValueError) as exc:
-            self.add(where, _first_line(exc))
+            self.add(where, first_line(exc))
         return None
 
     def add(self, where: str, message: str) -> None:
@@ -202,47 +199,31 @@ def preflight(recipe, *, environment: bool = True) -> list[Problem]:
         environment: also check this machine (device, installed extras, memory); ``False`` checks the
             recipe alone, for a recipe meant for another machine (``recipes validate --portable``).
     """
-    from draftkit.plan import after_prune
-    from draftkit.stages import stages
+    from draftkit.registry import stages
 
-    c = _Collector()
+    c = _Collector(environment)
     load = recipe.header.load
     trust = load.trust_remote_code
     registry = stages()
     hf_config = c.run("model", check_model, recipe.header.model, trust_remote_code=trust)
     if environment:
         _check_device(c, load.device)
-    draft_tok_source = recipe.header.model  # no stage changes the tokenizer
     configs: dict[int, Any] = {}  # the config each stage's output has (a from: stage starts from that one's)
     for step in recipe.steps:
         where = f"stages[{step.index}].{step.name}"
-        cfg = step.config
-        check = registry[step.name].check
+        entry = registry[step.name]
         if step.source is not None:
             from draftkit.branches import source_step
 
             src = c.run(f"stages[{step.index}].from", source_step, recipe, step)
             hf_config = configs.get(src.index) if src is not None else None
-        if step.name in ("prune", "sparsify"):
-            if hf_config is not None and check is not None:
-                c.run(where, check, hf_config, cfg)
-            if _needs_calib(step.name, cfg):
-                from draftkit.data import DEFAULT_CALIB
-
-                c.run(f"{where}.calib.path", sample_rows, cfg.calib.path or DEFAULT_CALIB, cfg.calib.split)
-        elif step.name == "distill":
-            _check_distill(c, where, cfg, trust, environment, load.device)
-        elif step.name == "eval":
-            _check_eval(c, where, cfg, trust, environment)
-        elif step.name == "spec":
-            _check_spec(c, where, cfg, trust, draft_tok_source)
-        elif step.name == "merge":
-            _check_merge(c, where, recipe, step, trust)
-        if step.name == "prune" and hf_config is not None:
-            hf_config = after_prune(hf_config, cfg)
+        if entry.preflight is not None:  # the stage's own recipe-level checks, registered with it
+            entry.preflight(c, where, recipe, step, hf_config)
+        if entry.after is not None and hf_config is not None:
+            hf_config = entry.after(hf_config, step.config)
         configs[step.index] = hf_config
     if environment and not c.problems:
-        from draftkit.plan import estimate_memory_bytes
+        from draftkit.estimates import estimate_memory_bytes
 
         _check_memory(c, estimate_memory_bytes(recipe), load.device)
     return c.problems
@@ -255,13 +236,25 @@ def check_recipe(recipe, *, environment: bool = True) -> None:
         raise PreflightError(problems)
 
 
-def _needs_calib(name: str, cfg) -> bool:
-    if name == "prune":
-        return cfg.drop is None and cfg.method != "last"
-    return getattr(cfg, "method", None) != "magnitude"
+def check_calibrated(c: _Collector, where: str, recipe, step, hf_config) -> None:
+    """A calibrated stage (prune, sparsify): its settings fit the model as it will be, and its calibration data
+    reads (none is read by a run with no forward: explicit layers, the last blocks, magnitude)."""
+    from draftkit.data import DEFAULT_CALIB
+    from draftkit.registry import stages
+
+    cfg = step.config
+    check = stages()[step.name].check
+    if hf_config is not None and check is not None:
+        c.run(where, check, hf_config, cfg)
+    forward = getattr(cfg, "method", None) not in ("last", "magnitude") and getattr(cfg, "drop", None) is None
+    if forward:
+        c.run(f"{where}.calib.path", sample_rows, cfg.calib.path or DEFAULT_CALIB, cfg.calib.split)
 
 
-def _check_distill(c: _Collector, where: str, cfg, trust: bool, environment: bool, device: str) -> None:
+def check_distill(c: _Collector, where: str, recipe, step, hf_config) -> None:
+    """The distill stage's recipe checks: its teacher, dataset columns and engine."""
+    cfg, trust, device = step.config, recipe.header.load.trust_remote_code, recipe.header.load.device
+    environment = c.environment
     from draftkit.data import detect_columns
 
     if cfg.regenerate:
@@ -281,7 +274,7 @@ def _check_distill(c: _Collector, where: str, cfg, trust: bool, environment: boo
                     c.add(f"{where}.dataset", f"distillation needs prompt and response columns, found only plain "
                                               f"text; columns found: {found}; set columns: prompt=COL,response=COL")
             except DraftkitError as exc:
-                c.add(f"{where}.columns" if cfg.columns else f"{where}.dataset", _first_line(exc))
+                c.add(f"{where}.columns" if cfg.columns else f"{where}.dataset", first_line(exc))
     if cfg.lora_alpha is not None and not cfg.lora_rank:
         c.add(f"{where}.lora_alpha", "lora_alpha is set but lora_rank is 0 (full fine-tuning): set lora_rank or drop lora_alpha")
     if cfg.engine == "vllm" and device == "cpu":
@@ -292,7 +285,9 @@ def _check_distill(c: _Collector, where: str, cfg, trust: bool, environment: boo
         c.add(f"{where}.tensor_parallel", "tensor_parallel > 1 needs engine: vllm")
 
 
-def _check_merge(c: _Collector, where: str, recipe, step, trust: bool) -> None:
+def check_merge(c: _Collector, where: str, recipe, step, hf_config) -> None:
+    """The merge stage's recipe checks: at least two models, each an earlier stage or a model that exists."""
+    trust = recipe.header.load.trust_remote_code
     from draftkit.branches import stage_models
 
     if len(step.config.models) < 2:
@@ -306,7 +301,9 @@ def _check_merge(c: _Collector, where: str, recipe, step, trust: bool) -> None:
         c.run(f"{where}.base", check_model, step.config.base, trust_remote_code=trust)
 
 
-def _check_eval(c: _Collector, where: str, cfg, trust: bool, environment: bool) -> None:
+def check_eval(c: _Collector, where: str, recipe, step, hf_config) -> None:
+    """The eval stage's recipe checks: its files, baseline and tasks."""
+    cfg, trust, environment = step.config, recipe.header.load.trust_remote_code, c.environment
     from draftkit.evaluate import LOCAL_TASKS
 
     for field in ("ppl", "arith_data", "include_path"):
@@ -322,7 +319,10 @@ def _check_eval(c: _Collector, where: str, cfg, trust: bool, environment: bool) 
         c.run(f"{where}.tasks", check_tasks, hub_tasks, cfg.include_path, local=LOCAL_TASKS)
 
 
-def _check_spec(c: _Collector, where: str, cfg, trust: bool, draft: str) -> None:
+def check_spec(c: _Collector, where: str, recipe, step, hf_config) -> None:
+    """The spec stage's recipe checks: its target, prompts and the two tokenizers."""
+    cfg, trust = step.config, recipe.header.load.trust_remote_code
+    draft = recipe.header.model  # no stage changes the tokenizer
     from draftkit.evaluate.spec import PROMPT_COLUMNS
 
     target_cfg = c.run(f"{where}.target", check_model, cfg.target, trust_remote_code=trust)
@@ -340,7 +340,7 @@ def _check_spec(c: _Collector, where: str, cfg, trust: bool, draft: str) -> None
         draft_tok = _tokenizer(draft, trust)
         target_tok = _tokenizer(cfg.target, trust)
     except DraftkitError as exc:
-        c.add(f"{where}.target", f"tokenizer: {_first_line(exc)}")
+        c.add(f"{where}.target", f"tokenizer: {first_line(exc)}")
         return
     same = len(draft_tok) == len(target_tok) and draft_tok.get_vocab() == target_tok.get_vocab()
     if not same and cfg.mode == "same":

@@ -63,13 +63,16 @@ def _stage_tag(value: Any) -> str | None:
     return getattr(value, "stage_name", None)
 
 
-@functools.cache
 def recipe_model() -> type[RecipeHeader]:
-    """The recipe as one typed pydantic model: ``stages`` is a list discriminated by each entry's key into
-    the stage configs (``{prune: PruneConfig}``, ``{sparsify: SparsifyConfig}``, ...), the same models the
-    stages' commands and Python API take. Built on first use so ``import draftkit`` stays light."""
+    return _recipe_model(tuple(stages()))  # the stages registered now (draftkit.registry)
+
+
+@functools.cache
+def _recipe_model(names: tuple[str, ...]) -> type[RecipeHeader]:
+    """The recipe as one typed pydantic model: ``stages`` is a list discriminated by each entry's key into the stage
+    configs (``{prune: PruneConfig}``, ...) their commands and Python API take. Built on first use (light import)."""
     members = []
-    for name, stage in stages().items():
+    for name, stage in ((n, stages()[n]) for n in names):
         step = create_model(
             f"{stage.config.__name__.removesuffix('Config')}Step",
             __config__=ConfigDict(extra="forbid"),
@@ -119,10 +122,7 @@ class Recipe:
     def name(self) -> str:
         return self.header.name
 
-    @property
-    def execution(self) -> LoadConfig:
-        """How models are loaded and where they run (``load:``), apart from the stages' settings."""
-        return self.header.load
+    execution = property(lambda self: self.header.load, doc="How models are loaded and where they run (``load:``).")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved, sort_keys=False)
@@ -150,9 +150,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 
 def shipped_recipes() -> dict[str, Path]:
     shipped = recipes_dir()
-    if not shipped.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(shipped.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(shipped.glob("*.yaml"))} if shipped.is_dir() else {}
 
 
 def load_recipe(source: str | Path, overrides: list[str] | None = None) -> Recipe:

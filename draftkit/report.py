@@ -6,19 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from draftkit.io import atomic_write_json, atomic_write_text
+from draftkit.atomic import atomic_write_json, atomic_write_text
 
-# Metrics worth a column, by stage; anything else scalar is listed after them.
-_PREFERRED = {
-    "prune": ["dropped_layers", "layers_after", "params_after"],
-    "sparsify": ["method", "pattern", "sparsity", "mean_rel_error"],
-    "distill": ["regenerate.acceptance_rate", "train.steps", "train.eval_loss_before", "train.eval_loss_after",
-                "train.zero_positions_changed"],
-    "export": ["format", "bytes_on_disk", "dense_bytes", "ratio_to_dense", "serve.status"],
-    "eval": ["mean_recovery", "recovery", "tasks"],
-    "merge": ["method", "t", "weights", "sparsity", "layer_sparsity", "tensors_with_different_masks"],
-    "spec": ["mal_per_step", "mal", "mode", "acceptance_by_position", "expected_speedup_macs", "lossless"],
-}
 _SKIP = {"passed", "gates", "gate", "output", "stage", "total_seconds", "seconds", "plot", "work_dir", "regenerate", "train", "serve", "threads",
          "compute"}
 
@@ -35,7 +24,10 @@ def _fmt(v: Any) -> str:
 
 def stage_metrics(stage: str, report: dict[str, Any], limit: int = 6) -> dict[str, str]:
     """A few headline metrics of one stage's report, formatted for a table."""
-    found = {k: v for k in _PREFERRED.get(stage, []) if (v := _lookup(report, k)) is not None}
+    from draftkit.registry import stage as registered
+
+    entry = registered(stage)  # the metrics worth a column, as the stage registers them; then any other scalar
+    found = {k: v for k in (entry.metrics if entry is not None else ()) if (v := _lookup(report, k)) is not None}
     keys = list(found)
     for k, v in report.items():
         if len(keys) >= limit:
@@ -125,32 +117,47 @@ def make_plots(run_report: dict[str, Any], out: Path) -> list[str]:
         import matplotlib  # noqa: F401
     except ImportError:
         return []
-    from draftkit.plots import plot_block_distances, plot_series
+    from draftkit.registry import stage as registered
 
     made = []
     for s in run_report["stages"]:
-        r = s.get("report") or {}
-        if s["stage"] == "prune" and r.get("block_distances"):
-            made.append(plot_block_distances(r, out / "plots" / "layer_distances.png"))
-        if s["stage"] == "sparsify":
-            modules = r.get("per_module_sparsity") or r.get("modules") or {}
-            if isinstance(modules, dict) and modules:
-                values = {k: (v.get("sparsity") if isinstance(v, dict) else v) for k, v in modules.items()}
-                per_layer = _layer_sparsity_from_modules({k: v for k, v in values.items() if isinstance(v, (int, float))})
-                if per_layer:
-                    made.append(plot_series(per_layer, out / "plots" / "layer_sparsity.png", title="sparsity per layer",
-                                            xlabel="decoder layer", ylabel="sparsity of linear weights"))
-        if s["stage"] == "eval":
-            rec = r.get("recovery")
-            if isinstance(rec, dict) and rec:
-                items = [(k, v) for k, v in rec.items() if isinstance(v, (int, float))]
-                if items:
-                    made.append(_bar(items, out / "plots" / "recovery.png", gate=(r.get("gate") or {}).get("min_recovery")))
+        entry = registered(str(s.get("stage")))
+        if entry is not None and entry.plots is not None:  # the stage's own plots (draftkit.registry)
+            made += entry.plots(s.get("report") or {}, out / "plots")
     if run_report.get("comparison"):
         from draftkit.compare import plot as plot_comparison
 
         made += [p for p in [plot_comparison(run_report["comparison"], out / "plots" / "night_over_night.png")] if p]
     return [str(p) for p in made]
+
+
+def plot_layer_distances(r: dict[str, Any], plots: Path) -> list[Path]:
+    """A prune stage's plot: the angular distance of each block it scored."""
+    from draftkit.plots import plot_block_distances
+
+    return [plot_block_distances(r, plots / "layer_distances.png")] if r.get("block_distances") else []
+
+
+def plot_layer_sparsity(r: dict[str, Any], plots: Path) -> list[Path]:
+    """A sparsify stage's plot: the sparsity of each decoder layer's linears."""
+    from draftkit.plots import plot_series
+
+    modules = r.get("per_module_sparsity") or r.get("modules") or {}
+    if not isinstance(modules, dict) or not modules:
+        return []
+    values = {k: (v.get("sparsity") if isinstance(v, dict) else v) for k, v in modules.items()}
+    per_layer = _layer_sparsity_from_modules({k: v for k, v in values.items() if isinstance(v, (int, float))})
+    if not per_layer:
+        return []
+    return [plot_series(per_layer, plots / "layer_sparsity.png", title="sparsity per layer",
+                        xlabel="decoder layer", ylabel="sparsity of linear weights")]
+
+
+def plot_recovery(r: dict[str, Any], plots: Path) -> list[Path]:
+    """An eval stage's plot: the recovery of each metric against the baseline."""
+    rec = r.get("recovery")
+    items = [(k, v) for k, v in rec.items() if isinstance(v, (int, float))] if isinstance(rec, dict) else []
+    return [_bar(items, plots / "recovery.png", gate=(r.get("gate") or {}).get("min_recovery"))] if items else []
 
 
 def _bar(items: list[tuple[str, float]], path: Path, gate: float | None = None) -> Path:

@@ -46,9 +46,9 @@ def restore_rows(cfg, data_dir: Path) -> Path | None:
     """The cache entry of ``cfg``'s rows (None when reuse is off); its rows are copied into an empty
     ``data_dir`` so that regeneration resumes from them."""
     from draftkit import console
+    from draftkit.atomic import cache_root
     from draftkit.cachelimit import touch
     from draftkit.distill.regenerate import REPORT_FILE, ROWS_FILE
-    from draftkit.io import cache_root
 
     if not rows_enabled() or cfg.teacher is None:
         return None
@@ -65,9 +65,9 @@ def restore_rows(cfg, data_dir: Path) -> Path | None:
 
 def keep_rows(entry: Path | None, data_dir: Path) -> None:
     """Store ``data_dir``'s complete rows in the cache entry (once), then hold the cache to its size limit."""
+    from draftkit.atomic import atomic_dir
     from draftkit.distill.regenerate import REPORT_FILE, ROWS_FILE
     from draftkit.errors import OutputExistsError
-    from draftkit.io import atomic_dir
 
     if entry is None or not (data_dir / ROWS_FILE).is_file() or (entry / ROWS_FILE).is_file():
         return

@@ -24,7 +24,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Literal
 
-from draftkit.io import atomic_write_json, atomic_write_text
+from draftkit.atomic import atomic_write_json, atomic_write_text
 
 Engine = Literal["vllm", "sglang", "hf"]
 ENGINES: tuple[str, ...] = ("vllm", "sglang", "hf")

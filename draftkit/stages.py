@@ -1,4 +1,5 @@
-"""The stage registry: each stage is a function ``(model, tokenizer, config) -> (model, report)``.
+"""The stage runner: each stage is a function ``(model, tokenizer, config) -> (model, report)``, registered in
+:mod:`draftkit.registry` (``stages`` is re-exported here).
 
 Commands (:func:`run_stage`) and the recipe pipeline both go through :func:`run_stage_on`, so
 ``draftkit prune`` and a recipe's ``prune:`` step are the same code with the same settings: the same
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from draftkit.atomic import atomic_dir, atomic_write_json, check_output_dir, config_paths
 from draftkit.checkpoint import (
     check_device,
     load_config,
@@ -26,9 +27,10 @@ from draftkit.checkpoint import (
 from draftkit.compute import ComputeChoice, cast_for_compute, computing
 from draftkit.compute import current as current_compute
 from draftkit.errors import GateFailedError, InvalidInputError, NonFiniteError
-from draftkit.io import atomic_dir, atomic_write_json, check_output_dir, config_paths
 from draftkit.memory import heavy_work_starts, plan_line
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
+from draftkit.registry import Stage, stages
+from draftkit.registry import stage as registered
 from draftkit.threads import apply_threads
 
 
@@ -68,55 +70,16 @@ class LoadConfig(BaseModel):
             raise ValueError(str(exc)) from None
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    config: type[BaseModel]
-    run: Callable[..., tuple[Any, dict[str, Any]]]
-    # None: the stage writes a model directory with save_model. Otherwise a writer
-    # ``save(model, tokenizer, out, provenance, cfg, overwrite) -> dict`` (e.g. export), or "report"
-    # for stages that only measure (eval, spec) and write report.json.
-    save: Callable[..., dict[str, Any]] | Literal["report"] | None = None
-    # Optional ``check(hf_config, cfg)`` run before the weights load, to fail fast on settings that
-    # do not fit the model.
-    check: Callable[[Any, BaseModel], None] | None = None
-    # "model": ``run`` takes the model the stage before made. "models": the stage reads several models from
-    # their checkpoints itself (merge): ``run(models, cfg, *, out, load, overwrite, arguments) -> report``,
-    # the models named by the config's ``models`` (recipe stages or paths; see :mod:`draftkit.branches`).
-    reads: Literal["model", "models"] = "model"
-
-
-def stages() -> dict[str, Stage]:
-    """All stages by name, in pipeline order. Imports are lazy so ``draftkit --help`` stays fast."""
-    from draftkit.distill import DistillConfig, check_distill, distill_model
-    from draftkit.evaluate import EvalConfig, check_eval, eval_stage
-    from draftkit.evaluate.spec import SpecConfig, check_spec, spec_stage
-    from draftkit.export import ExportConfig, check_export, export_stage, write_export
-    from draftkit.merge import MergeConfig, merge_checkpoints
-    from draftkit.prune import PruneConfig, check_prune, prune_model
-    from draftkit.sparsify import SparsifyConfig, sparsify_model
-    from draftkit.sparsify.runner import check_sparsify
-
-    return {
-        "prune": Stage("prune", PruneConfig, prune_model, check=check_prune),
-        "sparsify": Stage("sparsify", SparsifyConfig, sparsify_model, check=check_sparsify),
-        "distill": Stage("distill", DistillConfig, distill_model, check=check_distill),
-        "merge": Stage("merge", MergeConfig, merge_checkpoints, reads="models"),
-        "export": Stage("export", ExportConfig, export_stage, save=write_export, check=check_export),
-        "eval": Stage("eval", EvalConfig, eval_stage, save="report", check=check_eval),
-        "spec": Stage("spec", SpecConfig, spec_stage, save="report", check=check_spec),
-    }
-
-
 def stage_compute(name: str, load: LoadConfig) -> ComputeChoice | None:
     """The compute dtype stage ``name`` runs its forwards in (:mod:`draftkit.compute`); None for a stage that
-    runs none (export, merge). The choice and why are printed on the plan line, once the heavy work starts (so bad
+    runs none (``computes`` False in :mod:`draftkit.registry`). The choice and why are printed on the plan line, once the heavy work starts (so bad
     input found before then is still a single line)."""
     from draftkit.checkpoint import resolve_device
     from draftkit.compute import resolve_compute
     from draftkit.memory import announce_compute
 
-    if name in ("export", "merge"):
+    entry = registered(name)
+    if entry is not None and not entry.computes:
         return None
     choice = resolve_compute(load.compute, resolve_device(load.device), stage=name)
     announce_compute(f"{name}: {choice.line()}")
@@ -226,30 +189,20 @@ def run_stage_on(
         from draftkit.checkpoint import resolve_device
         from draftkit.memory import activation_device, activation_store, announce_before_heavy_work
 
-        estimate, streamed = None, False
-        if name in ("prune", "sparsify"):
-            from draftkit.streamed import plan_run, run_streamed
-
-            streamed, estimate = plan_run(name, model_name, cfg, load)
-            if streamed:
-                if held is not None:
-                    held.release()
-                report = run_streamed(name, model_name, cfg, out=out, load=load, estimate=estimate,
-                                      overwrite=overwrite, arguments=arguments)
-                if choice is not None:
-                    report["compute"] = choice.name
-                report["total_seconds"] = round(time.perf_counter() - t0, 3)
-                return StageRun(None, None, report)
-        elif name == "eval":  # a perplexity-only evaluation streams by the same rule
-            from draftkit.evaluate import planned_eval_stage, streamed_eval_stage
-            from draftkit.evaluate.streamed import plan_eval
-
-            streamed, estimate, plan = plan_eval(model_name, cfg, load)
-            if streamed:
-                stage = replace(stage, run=streamed_eval_stage(model_name, load, estimate, plan))
-            elif plan is not None:
-                stage = replace(stage, run=planned_eval_stage(plan))
-        if streamed:  # eval: the stage reads the checkpoint's shards itself
+        # the stage's per-layer form decides, before any weights load, whether it streams and how much it needs
+        placement = stage.layers(model_name, cfg, load) if stage.layers is not None else None
+        estimate, streamed = (placement.estimate, placement.streamed) if placement is not None else (None, False)
+        if placement is not None and placement.write is not None:  # streamed: it writes its output shard by shard
+            if held is not None:
+                held.release()
+            report = placement.write(out=out, overwrite=overwrite, arguments=arguments)
+            if choice is not None:
+                report["compute"] = choice.name
+            report["total_seconds"] = round(time.perf_counter() - t0, 3)
+            return StageRun(None, None, report)
+        if placement is not None and placement.run is not None:
+            stage = stage.replace(run=placement.run)
+        if streamed:  # the stage reads the checkpoint's shards itself
             if held is not None:
                 held.release()
             model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
@@ -272,7 +225,7 @@ def run_stage_on(
                 arguments=arguments,
             )
     if estimate is not None:
-        from draftkit.streamed import estimate_facts
+        from draftkit.engine.placement import estimate_facts
 
         report.setdefault("memory_estimate_gb", estimate_facts(estimate))
     report["total_seconds"] = round(time.perf_counter() - t0, 3)

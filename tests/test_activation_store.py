@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from draftkit.layerwise import ResidentLayers
+from draftkit.engine.forward import capture_layer_inputs
+from draftkit.engine.layers import ResidentLayers
 from draftkit.prune.runner import collect_layer_states
-from draftkit.sparsify.runner import capture_layer_inputs
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from draftkit import compute
 from draftkit.compute import Masters, cast_for_compute, computing, cpu_flags, resolve_compute, to_compute
 from draftkit.data import CalibConfig
+from draftkit.engine.forward import run_layer as _RUN_LAYER
 from draftkit.sparsify import SparsifyConfig
-from draftkit.sparsify.runner import run_layer as _RUN_LAYER
 from draftkit.stages import LoadConfig, run_stage
 
 # ------------------------------------------------------------------------------------------------ auto
@@ -78,7 +78,9 @@ def test_spec_keeps_float32_under_auto():
 
 
 def test_a_stage_listed_float32_keeps_it_under_auto_only(monkeypatch):
-    monkeypatch.setitem(compute.AUTO_FLOAT32, "spec", "bf16 changed its result")
+    from draftkit import registry
+
+    monkeypatch.setitem(registry.stage("spec")._fields, "auto_float32", "bf16 changed its result")
     assert resolve_compute("auto", "cpu", flags={"amx_bf16"}, stage="spec").dtype == torch.float32
     assert resolve_compute("auto", "cpu", flags={"amx_bf16"}, stage="sparsify").dtype == torch.bfloat16
     assert resolve_compute("bfloat16", "cpu", flags=set(), stage="spec").dtype == torch.bfloat16

@@ -57,7 +57,8 @@ def test_auto_chunk_budget_is_the_gpus_free_memory(tiny_llama, monkeypatch):
 
 
 def test_resident_and_streamed_place_activations_by_the_same_decision(tiny_llama, calib_file, tmp_path, monkeypatch):
-    from draftkit import layerwise, memory
+    from draftkit import memory
+    from draftkit.engine import layers as layerwise
     from draftkit.stages import LoadConfig, run_stage
 
     seen = {}
@@ -77,7 +78,7 @@ def test_resident_and_streamed_place_activations_by_the_same_decision(tiny_llama
         return decided[-1]
 
     monkeypatch.setattr(memory, "activation_device", activation_device)
-    monkeypatch.setattr("draftkit.streamed.activation_device", activation_device)
+    monkeypatch.setattr("draftkit.engine.placement.activation_device", activation_device)
     cfg = PruneConfig(layers=2, calib=CalibConfig(path=str(calib_file), samples=4, seqlen=32))
     for mode in ("off", "on"):
         run_stage("prune", str(tiny_llama), cfg, out=tmp_path / mode, load=LoadConfig(stream=mode))

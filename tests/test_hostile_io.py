@@ -127,7 +127,7 @@ def test_a_recipe_of_megabytes_is_refused_before_parsing(tmp_path):
 
 def _signal_in_stage(monkeypatch, signum: int, at_call: int) -> None:
     """Send ``signum`` to this process when a prune stage runs for the ``at_call``-th time (resident or streamed)."""
-    import draftkit.streamed
+    import draftkit.engine.placement
 
     calls = {"n": 0}
 
@@ -140,7 +140,7 @@ def _signal_in_stage(monkeypatch, signum: int, at_call: int) -> None:
         return run_it
 
     monkeypatch.setattr(draftkit.prune, "prune_model", wrap(draftkit.prune.prune_model))
-    monkeypatch.setattr(draftkit.streamed, "run_streamed", wrap(draftkit.streamed.run_streamed))
+    monkeypatch.setattr(draftkit.engine.placement, "write_streamed", wrap(draftkit.engine.placement.write_streamed))
 
 
 def test_sigterm_is_handled_like_ctrl_c(tiny_llama, calib_file, tmp_path, monkeypatch):
@@ -293,12 +293,12 @@ def test_a_file_size_limit_is_a_user_error(tiny_llama, tmp_path):
                                           (errno.EROFS, "read-only file system"),
                                           (errno.EDQUOT, "disk quota exceeded")])
 def test_full_disk_and_read_only_outputs_are_one_line(tiny_llama, tmp_path, monkeypatch, code, needle):
-    import draftkit.io
+    import draftkit.atomic
 
     def refused(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(tmp_path / "out"))
 
-    monkeypatch.setattr(draftkit.io.tempfile, "mkdtemp", refused)  # where the output folder is made
+    monkeypatch.setattr(draftkit.atomic.tempfile, "mkdtemp", refused)  # where the output folder is made
     line = one_line(invoke("prune", tiny_llama, "--drop", "0", "-o", tmp_path / "out"))
     assert line.startswith(f"error: {tmp_path / 'out'}: {needle}: ")
 

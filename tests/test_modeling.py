@@ -1,8 +1,8 @@
 import pytest
 
+from draftkit.atomic import atomic_dir
 from draftkit.checkpoint import load_model, load_model_and_tokenizer
 from draftkit.errors import ModelLoadError, UnsupportedModelError
-from draftkit.io import atomic_dir
 from draftkit.modeling import decoder_layers, final_norm
 from draftkit.refs import ALIASES, resolve_model_ref
 from tests.conftest import ARCHS

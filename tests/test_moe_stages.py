@@ -12,7 +12,7 @@ import draftkit
 from draftkit.cli import app
 from draftkit.distill import DistillConfig, load_examples, train_model
 from draftkit.evaluate.cost import macs_per_token
-from draftkit.inspect import inspect_model
+from draftkit.model_info import inspect_model
 from draftkit.modeling import count_parameters
 from draftkit.moe import moe_blocks
 from draftkit.sparsify.masks import extract_masks, layer_sparsity, model_sparsity

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import draftkit.engine.placement
 import draftkit.prune
-import draftkit.streamed
 from draftkit.cli import app
 from draftkit.errors import EXIT_INVALID_INPUT, DataError
 from draftkit.pipeline import run
@@ -72,7 +72,7 @@ def test_failed_stage_keeps_earlier_outputs(tiny_llama, calib_file, tmp_path, mo
 
     # stage 1 (prune --drop) streams by the command's rule, stage 0 runs resident: interrupt either path
     monkeypatch.setattr(draftkit.prune, "prune_model", flaky(real))
-    monkeypatch.setattr(draftkit.streamed, "run_streamed", flaky(draftkit.streamed.run_streamed))
+    monkeypatch.setattr(draftkit.engine.placement, "write_streamed", flaky(draftkit.engine.placement.write_streamed))
     with pytest.raises(KeyboardInterrupt):
         run(load_recipe(str(rec)))
     manifest = json.loads((out / "manifest.json").read_text())

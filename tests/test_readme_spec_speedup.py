@@ -1,22 +1,44 @@
-"""The README's spec-speedup table is the committed benchmark JSON, line for line."""
+"""The README's spec-speedup table and per-draft notes are the committed benchmark JSON, line for line."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_spec_speedup_table_matches_the_json():
+def _module():
     spec = importlib.util.spec_from_file_location("spec_speedup", ROOT / "benchmarks" / "spec_speedup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    data = json.loads((ROOT / "benchmarks" / "results" / "spec_speedup.json").read_text())
-    assert data["rows"]
+    return module
+
+
+def _rows() -> list[dict]:
+    return json.loads((ROOT / "benchmarks" / "results" / "spec_speedup.json").read_text())["rows"]
+
+
+def test_readme_spec_speedup_table_and_notes_match_the_json():
+    module = _module()
+    rows = _rows()
+    assert rows
     readme = (ROOT / "README.md").read_text()
-    for line in module.markdown_table(data["rows"]):
+    for line in module.markdown_table(rows) + module.markdown_notes(rows):
         assert line in readme, line
-    for row in data["rows"]:
+    for row in rows:
         assert row["prompts"] >= 50 and row["hf"]["engine"] == "hf"
+
+
+def test_gap_factors_multiply_to_measured_over_predicted():
+    """The README's gap decomposition is an identity on each row's measured numbers."""
+    module = _module()
+    for row in _rows():
+        gf = module.gap_factors(row)
+        assert math.isclose(gf["product"], gf["measured_over_predicted"], rel_tol=1e-9), (row["pair"], gf)
+        rounds = row["hf"]["engine_target_forwards"]
+        assert math.isclose(gf["round_ms"] * rounds,
+                            1000 * row["hf"]["engine_tokens_per_target_forward"] * rounds
+                            / row["hf"]["spec_tokens_per_s"], rel_tol=1e-9)

@@ -9,7 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 import draftkit.stages
-from draftkit import layerwise, memory
+from draftkit import memory
+from draftkit.engine import layers as layerwise
 from draftkit.errors import InvalidInputError
 from draftkit.pipeline import run
 from draftkit.recipe import load_recipe

@@ -17,9 +17,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from draftkit.atomic import check_output_dir
 from draftkit.cli import app
 from draftkit.errors import EXIT_INVALID_INPUT, InvalidInputError
-from draftkit.io import check_output_dir
 from tests._helpers_distill import sft_file, write_jsonl
 
 FIXTURES = (sft_file,)
@@ -208,7 +208,7 @@ HOLD = textwrap.dedent("""
 
 GATED_RUN = textwrap.dedent("""
     import pathlib, sys, time
-    import draftkit.prune, draftkit.streamed
+    import draftkit.prune, draftkit.engine.placement
     gate = pathlib.Path(sys.argv[2])
     def gated(real):
         def run_it(*a, **k):
@@ -219,7 +219,7 @@ GATED_RUN = textwrap.dedent("""
         return run_it
     # prune --drop streams by the command's rule; a resident prune runs prune_model: gate either path
     draftkit.prune.prune_model = gated(draftkit.prune.prune_model)
-    draftkit.streamed.run_streamed = gated(draftkit.streamed.run_streamed)
+    draftkit.engine.placement.write_streamed = gated(draftkit.engine.placement.write_streamed)
     sys.argv = ["draftkit", "run", sys.argv[1], "--set", sys.argv[3]]
     from draftkit.cli import main
     main()

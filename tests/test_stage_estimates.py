@@ -46,14 +46,18 @@ def test_export_estimate_is_the_weights_and_the_layout_it_writes(sparse_src, tmp
 
     model, _ = load_model_and_tokenizer(str(sparse_src), device="cpu")
     state = _state_dict_for_save(model)
-    est = export_estimate(state, sparse_modules(model, 0.1), None)
+    compressed = list(sparse_modules(model, 0.1))
+    est = export_estimate(model, state, compressed)
     stored = load_file(str(out / "model.safetensors"))
     groups = {k.rpartition(".")[0] for k in stored if k.endswith(".bitmask")}
+    assert sorted(groups) == sorted(compressed)
     assert est.parts["sparse_layout"] == sum(_nbytes(stored[f"{g}.{p}"]) for g in groups for p in LAYOUT)
-    assert est.parts["weights"] == sum(_nbytes(t) for t in load_file(str(sparse_src / "model.safetensors")).values())
-    assert est.parts["cast_copy"] == 0
-    cast = export_estimate(state, sparse_modules(model, 0.1), torch.bfloat16)  # a float32 model written as bf16
-    assert cast.parts["cast_copy"] == est.parts["weights"] // 2
+    weights = sum(_nbytes(t) for t in load_file(str(sparse_src / "model.safetensors")).values())
+    buffers = sum(_nbytes(b) for b in model.buffers())
+    assert est.parts["weights"] == weights + buffers and est.parts["cast_copy"] == 0
+    in_bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}  # export --dtype bfloat16 of a float32 model
+    cast = export_estimate(model, in_bf16, compressed)
+    assert cast.parts["cast_copy"] == weights // 2
     assert cast.parts["sparse_layout"] < est.parts["sparse_layout"]
 
 

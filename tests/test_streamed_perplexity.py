@@ -69,7 +69,7 @@ def test_streamed_perplexity_holds_one_layer_at_a_time(tiny_models, ppl_files, t
     """Each decoder layer is read once, when no other layer (nor the embeddings) is materialised; the head
     is read after the last layer is freed; the whole model is never loaded."""
     from draftkit import checkpoint, stages
-    from draftkit.layerwise import StreamedLayers
+    from draftkit.engine.layers import StreamedLayers
 
     def materialised(module) -> bool:
         return any(p.device.type != "meta" for p in module.parameters())
@@ -120,7 +120,7 @@ def _sharded(src, dst):
 
 
 def test_eval_ppl_cli_streams_a_sharded_checkpoint(tiny_llama, ppl_files, tmp_path, monkeypatch):
-    from draftkit import streamed
+    from draftkit.engine import placement as streamed
 
     model = _sharded(tiny_llama, tmp_path / "sharded")
     runner = CliRunner()
@@ -165,7 +165,8 @@ def test_bad_streamed_eval_input_is_one_line(tiny_llama, ppl_files, tmp_path, mo
 
 def test_streamed_baseline_perplexity(tiny_models, ppl_files, tmp_path, monkeypatch):
     """With --baseline, a perplexity-only evaluation measures the baseline by the same rule (streamed here)."""
-    from draftkit import checkpoint, streamed
+    from draftkit import checkpoint
+    from draftkit.engine import placement as streamed
 
     def no_whole_model(*a, **k):
         raise AssertionError("the whole model was loaded")

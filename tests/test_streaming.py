@@ -69,7 +69,8 @@ def test_streamed_prune_equals_resident(arch, compute, tiny_models, calib_file, 
 
 def test_prune_drop_runs_no_forward(tiny_models, tmp_path, monkeypatch):
     """Explicit indices: tensors are copied under their new numbers; no layer is ever loaded or run."""
-    from draftkit import layerwise, streamed
+    from draftkit.engine import layers as layerwise
+    from draftkit.engine import placement as streamed
 
     def boom(*a, **k):
         raise AssertionError("a forward or a layer load happened")
@@ -90,9 +91,9 @@ def test_prune_drop_runs_no_forward(tiny_models, tmp_path, monkeypatch):
 
 
 def test_sharded_write_reloads_with_plain_transformers(tiny_models, calib_file, tmp_path, monkeypatch):
-    from draftkit import streamed
+    from draftkit.engine import layers
 
-    monkeypatch.setattr(streamed, "SHARD_BYTES", 200_000)  # several shards for a ~1 MB model
+    monkeypatch.setattr(layers, "SHARD_BYTES", 200_000)  # several shards for a ~1 MB model
     cfg = SparsifyConfig(sparsity=0.5, calib=CalibConfig(path=str(calib_file), samples=4, seqlen=32))
     run_stage("sparsify", str(tiny_models["llama"]), cfg, out=tmp_path / "o", load=LoadConfig(stream="on"))
     index = json.loads((tmp_path / "o" / SAFE_INDEX).read_text())

@@ -23,8 +23,8 @@ def enabled() -> bool:
 
 
 def cache_folder(gguf_file: str | os.PathLike) -> Path:
+    from draftkit.atomic import cache_root
     from draftkit.fingerprint import file_sha256
-    from draftkit.io import cache_root
 
     return cache_root() / "gguf" / file_sha256(gguf_file)[:24]
 
@@ -46,8 +46,8 @@ def store(ref: ModelRef, model, tokenizer) -> ModelRef:
     """Write the dequantized ``model`` and ``tokenizer`` of ``ref`` into the cache; returns the cached ref
     (``ref`` itself when the cache cannot be written: every load then converts again, nothing else changes)."""
     from draftkit import console
+    from draftkit.atomic import atomic_dir
     from draftkit.errors import OutputExistsError
-    from draftkit.io import atomic_dir
 
     if not enabled():
         return ref

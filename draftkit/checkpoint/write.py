@@ -63,7 +63,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, *, max_shard_
 def save_model(model, tokenizer, out: str | os.PathLike, *, provenance: dict[str, Any],
                overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     """Save model (safetensors), tokenizer, generation config and ``draftkit.json`` atomically."""
-    from draftkit.io import atomic_dir, atomic_write_json
+    from draftkit.atomic import atomic_dir, atomic_write_json
 
     sync_progress_bars()
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -18,25 +18,12 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-# name -> (module, attribute, "command" | "group", one-line help shown by `draftkit --help`).
+# name -> (module, attribute, "command" | "group", one-line help shown by `draftkit --help`): the commands that are
+# not a stage; each stage's command is registered with the stage (draftkit.registry) and listed before these.
 # The one-line help is the first sentence of the command's docstring (tests/test_cli_startup.py checks it).
-_LAZY: dict[str, tuple[str, str, str, str]] = {
-    "prune": ("draftkit.cli.prune", "prune", "command", "Drop N decoder blocks, scored by angular distance between hidden states."),
-    "sparsify": ("draftkit.cli.sparsify", "sparsify", "command",
-                 "Prune individual weights of every decoder linear (embeddings and lm_head stay dense), one layer at a time, with SparseGPT (default), Wanda or magnitude."),
-    "distill": ("draftkit.cli.distill", "app", "group",
-                "Self-data distillation: the teacher rewrites the SFT set, then the student is fine-tuned on it with its sparsity masks held fixed."),
-    "export": ("draftkit.cli.export", "export", "command",
-               "Write a sparse (compressed-tensors sparse-bitmask) or dense safetensors checkpoint."),
+_OTHERS: dict[str, tuple[str, str, str, str]] = {
     "decompress": ("draftkit.cli.export", "decompress", "command",
                    "Turn a sparse-bitmask checkpoint into dense safetensors (loads in vLLM, transformers, llama.cpp)."),
-    "eval": ("draftkit.cli.evaluate", "evaluate", "command",
-             "Evaluate a model; with --baseline, report quality recovery and gate on it (exit code 3)."),
-    "spec": ("draftkit.cli.spec", "spec", "command",
-             "Speculative decoding, greedy or sampled (--temperature): mean accepted length (MAL), the speedup measured "
-             "in an engine (--engine), the latency cost model's prediction for every k, and a dynamic k (--k dynamic)."),
-    "merge": ("draftkit.cli.merge", "merge", "command",
-              "Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks."),
     "run": ("draftkit.cli.run", "run", "command", "Run a recipe's stages in order, resuming where a previous run stopped."),
     "recipes": ("draftkit.cli.run", "recipes_app", "group", "List, show and validate recipes."),
     "inspect": ("draftkit.cli.info", "inspect", "command",
@@ -45,10 +32,27 @@ _LAZY: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+def commands() -> dict[str, tuple[Any, str, str, str]]:
+    """Every command: ``name -> (module or the command itself, attribute, kind, one-line help)``, the stages'
+    from :mod:`draftkit.registry` (read without importing any stage) and then the others."""
+    from draftkit.registry import stages
+
+    table: dict[str, tuple[Any, str, str, str]] = {}
+    for name, entry in stages().items():
+        ref = entry._fields["command"]
+        if ref is not None:
+            module, _, attr = ref.partition(":") if isinstance(ref, str) else (ref, "", "")
+            table[name] = (module, attr, entry.command_kind, entry.help)
+    return {**table, **_OTHERS}
+
+
+_LAZY = commands()
+
+
 def load_command(name: str):
     """Import one command's module and build its click command (with the options every command has)."""
-    module, attr, kind, _ = _LAZY[name]
-    obj = getattr(importlib.import_module(module), attr)
+    module, attr, kind, _ = commands()[name]
+    obj = getattr(importlib.import_module(module), attr) if isinstance(module, str) else module
     if kind == "group":
         cmd = typer.main.get_command(obj)
     else:
@@ -109,7 +113,7 @@ class _LazyCommands(MutableMapping):
 
     def __getitem__(self, name: str):
         if name not in self._loaded:
-            if name not in _LAZY:
+            if name not in commands():
                 raise KeyError(name)
             self._loaded[name] = load_command(name)
         return self._loaded[name]
@@ -121,13 +125,13 @@ class _LazyCommands(MutableMapping):
         del self._loaded[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in _LAZY or name in self._loaded
+        return name in commands() or name in self._loaded
 
     def __iter__(self) -> Iterator[str]:
-        return iter(dict.fromkeys([*_LAZY, *self._loaded]))
+        return iter(dict.fromkeys([*commands(), *self._loaded]))
 
     def __len__(self) -> int:
-        return len(dict.fromkeys([*_LAZY, *self._loaded]))
+        return len(dict.fromkeys([*commands(), *self._loaded]))
 
 
 class _LazyGroup(TyperGroup):
@@ -142,7 +146,7 @@ class _LazyGroup(TyperGroup):
 
     def format_commands(self, ctx, formatter) -> None:
         with formatter.section("Commands"):
-            formatter.write_dl([(n, _LAZY[n][3]) for n in _LAZY])
+            formatter.write_dl([(n, c[3]) for n, c in commands().items()])
 
 
 app = typer.Typer(
@@ -192,8 +196,11 @@ def main() -> None:
         sys.exit(code)
     except Exception as exc:  # a CUDA out-of-memory error from any command: one line naming what to lower
         from draftkit.errors import EXIT_INVALID_INPUT, out_of_memory_line
+        from draftkit.registry import by_command
 
-        line = out_of_memory_line(exc, getattr(exc, "draftkit_command", None))
+        command = getattr(exc, "draftkit_command", None)
+        entry = by_command(command or "")  # a stage's command: the settings the stage registers
+        line = out_of_memory_line(exc, command, entry.oom if entry is not None else None)
         if line is None:
             raise
         if os.environ.get("DRAFTKIT_DEBUG") not in (None, "", "0"):

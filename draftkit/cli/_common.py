@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from rich.markup import escape
 
 from draftkit import console
+from draftkit.atomic import to_json
 from draftkit.cli._options import Fields
 from draftkit.errors import (
     EXIT_INTERNAL,
@@ -25,7 +26,6 @@ from draftkit.errors import (
     error_object,
     out_of_memory_line,
 )
-from draftkit.io import to_json
 from draftkit.oserrors import user_error
 from draftkit.signals import stops_as_interrupts
 

@@ -17,7 +17,7 @@ def inspect(model: ModelArg, json: JsonOpt = False, *, load: dict) -> None:
 
     Example: draftkit inspect runs/demo/01-sparsify
     """
-    from draftkit.inspect import inspect_model
+    from draftkit.model_info import inspect_model
 
     emit(inspect_model(model, trust_remote_code=load["trust_remote_code"]), json, _render)
 

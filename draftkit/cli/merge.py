@@ -7,9 +7,9 @@ from typing import Annotated
 import typer
 
 from draftkit import console
+from draftkit.atomic import check_output_dir
 from draftkit.cli._common import OUTPUT, Output, build, default_output, emit, handle_errors
 from draftkit.cli._options import LOAD_ONLY_STREAMED, Fields, config_options
-from draftkit.io import check_output_dir
 from draftkit.merge import MergeConfig, merge_checkpoints
 from draftkit.refs import resolve_model_ref
 from draftkit.stages import LoadConfig, output_lock_of

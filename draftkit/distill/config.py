@@ -184,3 +184,14 @@ def parse_columns(spec: str) -> dict[str, str]:
     if "messages" not in out and not ("prompt" in out and "response" in out):
         raise ValueError(f"bad column mapping {spec!r}: use {COLUMNS_SYNTAX}")
     return out
+
+
+def references(config: dict) -> tuple[tuple[str, str], ...]:
+    """The other models and data a distill config names, for its fingerprint and input checks
+    (:mod:`draftkit.registry`): the teacher only when it regenerates, the dataset, and an inline template."""
+    refs: tuple[tuple[str, str], ...] = (("dataset", "data"),)
+    if config.get("regenerate") is not False:
+        refs = (("teacher", "model"), *refs)
+    if isinstance(config.get("template"), str):
+        refs += (("template", "text"),)
+    return refs

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from draftkit import console
+from draftkit.atomic import atomic_write_json, atomic_write_text
 from draftkit.distill.config import DistillConfig
 from draftkit.distill.engines import Generation, HFEngine, VLLMEngine, check_vllm
 from draftkit.distill.rows import (
@@ -31,7 +32,6 @@ from draftkit.distill.rows import (
 )
 from draftkit.distill.templates import accept, template_hash
 from draftkit.errors import DataError, InvalidInputError
-from draftkit.io import atomic_write_json, atomic_write_text
 from draftkit.textcap import TextCap
 
 PART_GLOB = "rows.part-*.jsonl"

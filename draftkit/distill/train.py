@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from draftkit import console
+from draftkit.atomic import atomic_write_json
 from draftkit.distill.config import DistillConfig
 from draftkit.distill.estimate import batch_shape, estimate_training
 from draftkit.distill.fsdp import MaskHold, check_fsdp, gather_full_model, is_sharded, shard_for_fsdp
@@ -51,7 +52,6 @@ from draftkit.distill.prepare import (
 from draftkit.distill.rows import Example
 from draftkit.errors import DataError, DraftkitError, InvalidInputError
 from draftkit.input_errors import reading
-from draftkit.io import atomic_write_json
 from draftkit.memory import gb
 from draftkit.sparsify.masks import extract_masks, masked_weight
 from draftkit.textcap import TextCap

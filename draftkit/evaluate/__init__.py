@@ -155,7 +155,7 @@ def _cache_file(cfg: EvalConfig, dtype: str = "auto") -> Path:
         settings[f"{key}_hash"] = _file_hash(path) if path else None
     settings["dtype"] = dtype  # a bfloat16 baseline measures differently from a float32 one
     key = json.dumps([directory_hash(ref.location) if ref.local else ref.location, settings, __version__], sort_keys=True)
-    from draftkit.io import cache_root
+    from draftkit.atomic import cache_root
 
     return cache_root() / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
@@ -168,7 +168,7 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
     """The baseline's results, from the cache when ``cfg.cache`` and present; returns ``(results, cached)``."""
     from types import SimpleNamespace
 
-    from draftkit.io import atomic_write_json
+    from draftkit.atomic import atomic_write_json
 
     file = _cache_file(cfg, load_dtype)
     if cfg.cache and file.is_file():
@@ -216,8 +216,8 @@ def measure(model_name: str, cfg: EvalConfig, load) -> dict[str, dict[str, Any]]
 
 def streamed_eval_stage(model_name: str, load, estimate, plan):
     """The eval stage function when the perplexity is streamed from ``model_name``'s shards: it gets no model."""
+    from draftkit.engine.placement import estimate_facts
     from draftkit.evaluate.streamed import streamed_perplexity
-    from draftkit.streamed import estimate_facts
 
     def run(_model, tokenizer, cfg: EvalConfig):
         results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
@@ -230,6 +230,19 @@ def streamed_eval_stage(model_name: str, load, estimate, plan):
         return None, report
 
     return run
+
+
+def eval_layers(model_name: str, cfg: EvalConfig, load):
+    """The eval stage's per-layer form (registered in :mod:`draftkit.registry`): a perplexity-only evaluation
+    streams by the rule of every layer-wise stage, and a resident one scores the batches made for its estimate."""
+    from draftkit.engine.placement import Placement
+    from draftkit.evaluate.streamed import plan_eval
+
+    streamed, estimate, plan = plan_eval(model_name, cfg, load)
+    if streamed:
+        assert estimate is not None and plan is not None
+        return Placement(True, estimate, run=streamed_eval_stage(model_name, load, estimate, plan))
+    return Placement(False, estimate, run=planned_eval_stage(plan) if plan is not None else None)
 
 
 def planned_eval_stage(plan):

@@ -1,7 +1,7 @@
 """``draftkit eval --ppl`` on checkpoints read one decoder layer at a time.
 
 :func:`plan_eval` decides, before any weights load and by the rule the prune and sparsify stages follow
-(:func:`draftkit.streamed.choose_streaming`), whether a perplexity-only evaluation streams, and gives the
+(:func:`draftkit.engine.placement.choose_streaming`), whether a perplexity-only evaluation streams, and gives the
 memory estimate printed before the forward. :func:`streamed_perplexity` (the eval stage and its baseline)
 then runs the perplexity of :mod:`draftkit.evaluate.perplexity` (the same batches, the same scored tokens)
 through the layer-wise driver, :func:`layerwise_perplexity`: the model is a skeleton on the meta device;
@@ -45,8 +45,8 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
         return False, None, None
     from draftkit.checkpoint import load_tokenizer
     from draftkit.distill.loss import DEFAULT_CHUNK  # scored positions per output projection
+    from draftkit.engine.placement import checkpoint_facts, choose_streaming, compute_bytes, load_dtype_bytes
     from draftkit.modeling import text_config
-    from draftkit.streamed import checkpoint_facts, choose_streaming, compute_bytes, load_dtype_bytes
 
     config, device, can_stream, size = checkpoint_facts(model_name, load)
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
@@ -76,13 +76,13 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
 
 @torch.no_grad()
 def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
-    """The perplexity of ``plan`` with the decoder layers of ``source`` (:mod:`draftkit.layerwise`) one at a time.
+    """The perplexity of ``plan`` with the decoder layers of ``source`` (:mod:`draftkit.engine.layers`) one at a time.
 
     Hidden states wait between layers per batch on ``source.store`` (the compute device when the estimate
     says they fit, else the CPU).
     """
     from draftkit.distill.loss import _logit_transform
-    from draftkit.sparsify.runner import capture_layer_inputs, run_layer
+    from draftkit.engine.forward import capture_layer_inputs, run_layer
 
     batches = plan.batches
     source.load_outside()
@@ -114,7 +114,7 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
 def streamed_perplexity(model_name: str, load, estimate: MemoryEstimate, plan: PerplexityPlan) -> dict[str, Any]:
     """:func:`layerwise_perplexity` on a local safetensors checkpoint, as ``load`` says (device, dtype)."""
     from draftkit.checkpoint import load_config, resolve_device, resolve_model_ref, torch_dtype
-    from draftkit.layerwise import StreamedLayers
+    from draftkit.engine.layers import StreamedLayers
 
     device = resolve_device(load.device)
     source = StreamedLayers(resolve_model_ref(model_name).location,

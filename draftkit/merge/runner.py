@@ -197,7 +197,7 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
         InvalidInputError: fewer than two models, different architectures or shapes (the first tensor that
             differs is named), or sparsity masks that differ while ``cfg.masks`` is ``refuse``.
     """
-    from draftkit.io import atomic_dir, atomic_write_json, check_output_dir
+    from draftkit.atomic import atomic_dir, atomic_write_json, check_output_dir
     from draftkit.provenance import PROVENANCE_FILE, make_provenance, read_provenance
     from draftkit.threads import apply_threads
 

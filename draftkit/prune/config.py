@@ -50,3 +50,22 @@ class PruneConfig(BaseModel):
             raise ValueError("give layers (how many blocks to drop), drop (which ones) or experts (how many experts "
                              "to remove per MoE layer)")
         return self
+
+
+def config_after(hf_config, cfg: PruneConfig):
+    """The model config as the next stage will see it: fewer layers (for recipe checks and estimates)."""
+    import copy
+
+    from draftkit.modeling import text_config
+    from draftkit.prune.scores import parse_layer_ranges
+
+    new = copy.deepcopy(hf_config)
+    tc = text_config(new)
+    n = getattr(tc, "num_hidden_layers", None)
+    if isinstance(n, int):
+        try:
+            dropped = cfg.layers if cfg.layers is not None else len(parse_layer_ranges(cfg.drop)) if cfg.drop else 0
+        except ValueError:
+            return new
+        tc.num_hidden_layers = max(1, n - dropped)
+    return new

@@ -38,11 +38,11 @@ def drop_layers(model: nn.Module, indices: list[int]) -> nn.Module:
                 module.layer_idx = new_idx
     configs = {id(model.config): model.config, id(text_config(model)): text_config(model)}
     for cfg in configs.values():
-        _slice_config(cfg, n, drop)
+        slice_config(cfg, n, drop)
     return model
 
 
-def _slice_config(cfg, n: int, drop: set[int]) -> None:
+def slice_config(cfg, n: int, drop: set[int]) -> None:
     if getattr(cfg, "num_hidden_layers", None) != n:
         return
     for key, value in list(vars(cfg).items()):

@@ -10,8 +10,8 @@ from torch import nn
 
 from draftkit.console import track
 from draftkit.data import calibration_samples, model_max_length
+from draftkit.engine.layers import ResidentLayers
 from draftkit.errors import InvalidInputError
-from draftkit.layerwise import ResidentLayers
 from draftkit.modeling import count_parameters, decoder_layers, text_config
 from draftkit.moe.prune import ExpertPruning, experts_to_drop
 from draftkit.prune.config import PruneConfig
@@ -135,6 +135,23 @@ def choose_layers(cfg: PruneConfig, n_layers: int, tokenizer, max_len: int | Non
     return lowest_influence(bi, n), report
 
 
+def choose_blocks_and_experts(cfg: PruneConfig, n_layers: int, tokenizer, max_len: int | None,
+                              experts: ExpertPruning | None, collect) -> tuple[list[int], dict]:
+    """:func:`choose_layers`, with the experts of each layer scored and removed in the same layer-wise pass
+    (``collect(samples, before_layer)`` runs it, resident or streamed); a pass of its own when no block is
+    scored."""
+    hook = experts.before_layer if experts is not None else None
+    if cfg.layers is None and cfg.drop is None:
+        dropped, part = [], {"method": None}
+    else:
+        dropped, part = choose_layers(cfg, n_layers, tokenizer, max_len, lambda samples: collect(samples, hook))
+    if experts is not None and not experts.ran:  # no block scoring pass to ride on: one of its own
+        samples = calibration_samples(tokenizer, cfg.calib, max_len=max_len)
+        collect(samples, hook)
+        part["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
+    return dropped, part
+
+
 def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Drop decoder blocks as ``cfg`` says. The model is edited in place and returned with a report.
 
@@ -145,18 +162,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig) -> tuple[nn.Modul
     n_layers = len(decoder_layers(model))
     params_before = count_parameters(model)
     experts = ExpertPruning(model, cfg.experts, cfg.expert_method) if cfg.experts is not None else None
-    hook = experts.before_layer if experts is not None else None
-    if cfg.layers is None and cfg.drop is None:
-        dropped, part = [], {"method": None}
-    else:
-        dropped, part = choose_layers(
-            cfg, n_layers, tokenizer, model_max_length(model),
-            lambda samples: collect_layer_states(model, samples, batch_size=cfg.batch_size, before_layer=hook),
-        )
-    if experts is not None and not experts.ran:  # no block scoring pass to ride on: one of its own
-        samples = calibration_samples(tokenizer, cfg.calib, max_len=model_max_length(model))
-        collect_layer_states(model, samples, batch_size=cfg.batch_size, before_layer=hook)
-        part["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
+    dropped, part = choose_blocks_and_experts(cfg, n_layers, tokenizer, model_max_length(model), experts,
+                                              lambda samples, hook: collect_layer_states(
+                                                  model, samples, batch_size=cfg.batch_size, before_layer=hook))
     report: dict[str, Any] = {"stage": "prune", "method": part.pop("method"), "layers_before": n_layers, **part}
     drop_layers(model, dropped)
     if experts is not None:

@@ -26,103 +26,24 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from draftkit import console
-from draftkit.compute import to_compute
+from draftkit.engine.forward import Stop as _Stop
+from draftkit.engine.forward import capture_layer_inputs, run_layer
+from draftkit.engine.layers import ResidentLayers
 from draftkit.errors import InvalidInputError
-from draftkit.layerwise import ResidentLayers
 from draftkit.memory import heavy_work_starts
-from draftkit.modeling import count_parameters, decoder, decoder_layers
+from draftkit.modeling import count_parameters
 from draftkit.moe import expert_linears, moe_sparsity_report
 from draftkit.sparsify.calib import calibration_chunks, check_sparsify
 from draftkit.sparsify.config import SparsifyConfig
 from draftkit.sparsify.masks import target_linears
 from draftkit.sparsify.pruner import LayerPruner, _Group
 from draftkit.sparsify.sparsegpt import accumulate_hessian, make_empty_hessian
-
-
-class _Stop(Exception):
-    """Raised inside a forward to end it early (capture, or a group's Hessian is complete)."""
-
-
-@dataclass
-class LayerInputs:
-    """What the decoder layers receive: hidden states per chunk, and each layer's other arguments per chunk."""
-
-    hidden: list[torch.Tensor]
-    args: list[list[tuple[tuple, dict[str, Any]]]]  # [layer][chunk] -> (extra positional args, kwargs)
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device=None,
-                         masks: list[torch.Tensor | None] | None = None, store=None,
-                         dtype: torch.dtype | None = None) -> LayerInputs:
-    """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids
-    (and, for padded chunks, their ``attention_mask`` in ``masks``). The hidden states wait on ``store``
-    (a streamed run's activation device, the CPU when they do not fit on the compute device), else where made.
-    With ``dtype`` (the compute dtype) the hidden states and the floating arguments (position embeddings,
-    additive masks) are recorded in it, as a model stored in that dtype would make them.
-
-    The layers are stubbed out (identity on the hidden states), so this costs an embedding lookup and
-    the mask/rotary set-up per chunk, not a forward.
-    """
-    layers = decoder_layers(model)
-    base = decoder(model)
-    hidden: list[torch.Tensor] = []
-    args: list[list] = [[] for _ in layers]
-    originals = []
-
-    def stub(idx):
-        def forward(*a, **kw):
-            h = a[0] if a else kw.pop("hidden_states")
-            rest = a[1:]
-            if idx == 0:
-                x = to_compute(h.detach(), dtype)
-                hidden.append(x if store is None else x.to(store))
-            args[idx].append(to_compute((rest, dict(kw)), dtype))
-            if idx == len(layers) - 1:
-                raise _Stop
-            return h
-
-        return forward
-
-    for i, layer in enumerate(layers):
-        originals.append(layer.__dict__.get("forward"))
-        layer.forward = stub(i)
-    device = device or next(model.parameters()).device
-    heavy_work_starts()
-    try:
-        for c, ids in enumerate(chunks):
-            mask = masks[c] if masks is not None else None
-            try:
-                base(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for layer, orig in zip(layers, originals, strict=True):
-            if orig is None:
-                del layer.forward
-            else:
-                layer.forward = orig
-    return LayerInputs(hidden, args)
-
-
-def _layer_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[tuple, dict]) -> torch.Tensor:
-    """One decoder layer on one chunk of hidden states, with the arguments captured for it."""
-    rest, kw = args
-    param = next(layer.parameters(), None)
-    if param is not None and hidden.device != param.device:  # activations kept on the CPU between layers
-        hidden = hidden.to(param.device)
-    return _layer_output(layer(hidden, *rest, **kw))
 
 
 @torch.no_grad()
@@ -252,7 +173,7 @@ def sparsify_with_tokens(
     """:func:`sparsify_model` on given calibration token chunks (``[batch, seqlen]`` LongTensors), or on
     ``cfg.calib`` read with ``tokenizer`` when ``chunks`` is None.
 
-    ``source`` gives the decoder layers one at a time (:mod:`draftkit.layerwise`): resident in ``model``
+    ``source`` gives the decoder layers one at a time (:mod:`draftkit.engine.layers`): resident in ``model``
     by default, or streamed from the checkpoint's shards and written out as each is done. The routed
     experts of an MoE model are linears of their own meanwhile (:func:`draftkit.moe.expert_linears`).
     """

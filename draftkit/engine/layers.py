@@ -1,4 +1,5 @@
-"""Where a layer-by-layer driver (prune scoring, sparsify) gets its decoder layers from.
+"""Where a layer-wise stage (prune scoring, sparsify, streamed perplexity) gets its decoder layers from.
+(Moved here from ``draftkit/layerwise.py``.)
 
 * :class:`ResidentLayers`: the whole model is in memory (small models: fastest, nothing to reload).
 * :class:`StreamedLayers`: the model is a skeleton on the meta device; the embeddings and each
@@ -32,6 +33,9 @@ from draftkit.checkpoint.stream import (
 from draftkit.compute import Masters, current_dtype
 from draftkit.memory import planned_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
+from draftkit.moe.stream import converted_checkpoint, disk_entries
+
+SHARD_BYTES = 2 * 2**30  # the largest output shard a streamed stage writes
 
 
 def layer_list_prefix(model: nn.Module) -> str:
@@ -101,7 +105,9 @@ class StreamedLayers:
         self.layers = decoder_layers(self.model)  # unsupported architectures fail here, with their own message
         self.prefix = layer_list_prefix(self.model)
         check_tensor_shapes(self.ckpt.files, config, trust_remote_code=trust_remote_code)
-        self.keys = parameter_keys(self.model, self.ckpt)
+        # the checkpoint under the model's names: an MoE's fused experts built from per-expert tensors (draftkit.moe)
+        self.reader = converted_checkpoint(self.ckpt, self.model)
+        self.keys = parameter_keys(self.model, self.reader)
         self.device = device
         self.dtype = dtype
         self.masters = Masters(current_dtype())
@@ -122,7 +128,7 @@ class StreamedLayers:
         """Embeddings (and the final norm) of the decoder, for capturing the first layer's inputs."""
         for name, module in self._outside:
             if any(True for _ in module.parameters()):
-                load_module(module, f"{self._dec_prefix}.{name}", self.keys, self.ckpt, device=self.device, dtype=self.dtype)
+                load_module(module, f"{self._dec_prefix}.{name}", self.keys, self.reader, device=self.device, dtype=self.dtype)
 
     def free_outside(self) -> None:
         for _, module in self._outside:
@@ -131,7 +137,7 @@ class StreamedLayers:
     # -------------------------------------------------------------- decoder layers
     def load(self, i: int) -> nn.Module:
         layer = self.layers[i]
-        load_module(layer, f"{self.prefix}.{i}", self.keys, self.ckpt, device=self.device, dtype=self.dtype)
+        load_module(layer, f"{self.prefix}.{i}", self.keys, self.reader, device=self.device, dtype=self.dtype)
         return self.masters.cast(layer)
 
     def done(self, i: int) -> None:
@@ -139,22 +145,41 @@ class StreamedLayers:
         layer = self.layers[i]
         self.masters.restore(layer)
         if self.writer is not None and i in self.rename:
-            pattern = layer_key_pattern(self.prefix)
-            params = {f"{self.prefix}.{i}.{n}": p for n, p in layer.named_parameters()}
-            extra = [k for k in self.ckpt.keys() if (m := pattern.match(k)) and int(m.group(1)) == i and k not in params]
+            params = self._stored_names({f"{self.prefix}.{i}.{n}": p for n, p in layer.named_parameters()})
+            extra = [k for k in self._unread(i) if k not in params]
             tensors: dict[str, Any] = {**params, **self.ckpt.read(extra)}
-            self.writer.write({self._renamed(k): t for k, t in tensors.items()})
+            self.writer.write({self.renamed(k): t for k, t in tensors.items()})
         free_module(layer)
         # glibc keeps the freed pages of the previous layer's activations (and weights) in its heap, in holes
         # the next layer's differently sized tensors do not fill: without this RSS grows by about one layer's
         # activations per layer
         release_freed_memory()
 
-    def _renamed(self, key: str) -> str:
+    def _stored_names(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Model-named tensors under the names they are stored as (MoE: per-expert, as save_pretrained writes)."""
+        return tensors if self.reader is self.ckpt else self.reader.to_disk(tensors)
+
+    def _unread(self, i: int) -> list[str]:
+        """Stored keys of layer ``i`` that no parameter is read from (buffers), written back as they are."""
+        pattern, taken = layer_key_pattern(self.prefix), getattr(self.reader, "consumed", set())
+        return [k for k in self.ckpt.keys() if (m := pattern.match(k)) and int(m.group(1)) == i and k not in taken]
+
+    def renamed(self, key: str) -> str:
+        """A decoder layer's key under the layer's number in the output (:meth:`output_tensors`)."""
         m = layer_key_pattern(self.prefix).match(key)
         if m is None:
             return key
         return f"{self.prefix}.{self.rename[int(m.group(1))]}.{m.group(2)}"
+
+    def layer_keys(self) -> dict[int, list[str]]:
+        """The checkpoint's keys of each decoder layer, by layer number."""
+        pattern = layer_key_pattern(self.prefix)
+        out: dict[int, list[str]] = {}
+        for k in sorted(self.ckpt.keys()):
+            m = pattern.match(k)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(k)
+        return out
 
     # -------------------------------------------------------------- after the layers
     def load_head(self) -> tuple[nn.Module, nn.Module]:
@@ -162,7 +187,7 @@ class StreamedLayers:
         modules = (final_norm(self.model), self.model.get_output_embeddings())
         names = {id(m): n for n, m in self.model.named_modules()}
         for m in modules:
-            load_module(m, names[id(m)], self.keys, self.ckpt, device=self.device, dtype=self.dtype)
+            load_module(m, names[id(m)], self.keys, self.reader, device=self.device, dtype=self.dtype)
             self.masters.cast(m)
         return modules
 
@@ -172,7 +197,7 @@ class StreamedLayers:
             free_module(m)
 
     # -------------------------------------------------------------- output
-    def output_plan(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def output_tensors(self, keep: list[int]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The output tensors in production order: the kept layers renumbered, then everything else."""
         self.rename = {old: new for new, old in enumerate(keep)}
         pattern = layer_key_pattern(self.prefix)
@@ -186,17 +211,24 @@ class StreamedLayers:
                 by_layer.setdefault(int(m.group(1)), []).append(k)
         plan = []
         for old in keep:
-            for k in by_layer.get(old, []):
-                plan.append((self._renamed(k), self.ckpt.shape[k], self._out_dtype(k)))
+            if self.reader is not self.ckpt:  # MoE: the layer as it is now (experts removed) in its stored layout
+                params = {f"{self.prefix}.{old}.{n}": p for n, p in self.layers[old].named_parameters()}
+                plan += [(self.renamed(k), s, d) for k, s, d in disk_entries(self.reader, params, self._out_dtype)]
+                by_layer[old] = self._unread(old)
+            shapes = {f"{self.prefix}.{old}.{n}": tuple(p.shape) for n, p in self.layers[old].named_parameters()}
+            for k in by_layer.get(old, []):  # a parameter's shape as it is now (MoE: experts removed)
+                plan.append((self.renamed(k), shapes.get(k, self.ckpt.shape[k]), self._out_dtype(k)))
         plan += [(k, self.ckpt.shape[k], self._out_dtype(k)) for k in rest]
         return plan
 
     def _out_dtype(self, key: str) -> torch.dtype:
-        dt = self.ckpt.dtype[key]
+        dt = self.ckpt.dtype[key] if key in self.ckpt.dtype else self.reader.dtype[key]
         return self.dtype if self.dtype is not None and dt.is_floating_point else dt
 
-    def open_writer(self, out_dir: Path, keep: list[int], max_shard_bytes: int) -> ShardWriter:
-        self.writer = ShardWriter(out_dir, self.output_plan(keep), max_shard_bytes)
+    def open_writer(self, out_dir: Path, keep: list[int], max_shard_bytes: int | None = None) -> ShardWriter:
+        """Write the kept layers (renumbered) and then the rest to ``out_dir``, in shards of
+        ``max_shard_bytes`` (default :data:`SHARD_BYTES`)."""
+        self.writer = ShardWriter(out_dir, self.output_tensors(keep), max_shard_bytes or SHARD_BYTES)
         return self.writer
 
     def write_rest(self) -> None:

@@ -1,0 +1,100 @@
+"""The generic layer forward of every layer-wise stage: capture what the decoder layers receive, run one layer.
+
+:func:`capture_layer_inputs` replaces every decoder layer by a stub that records all the positional and keyword
+arguments it receives (position embeddings, its own attention mask — sliding-window layers get a different one —,
+position ids, cache positions...) and passes the hidden states through; one cheap model forward per chunk of
+calibration tokens records the first layer's input and every layer's arguments, without running any layer.
+:func:`run_layer` then runs one layer on one chunk with the arguments captured for it. (Moved here from
+``draftkit/sparsify/runner.py``; prune scoring, sparsify and the streamed perplexity all use it.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from draftkit.compute import to_compute
+from draftkit.memory import heavy_work_starts
+from draftkit.modeling import decoder, decoder_layers
+
+
+class Stop(Exception):
+    """Raised inside a forward to end it early (capture, or a group's Hessian is complete)."""
+
+
+@dataclass
+class LayerInputs:
+    """What the decoder layers receive: hidden states per chunk, and each layer's other arguments per chunk."""
+
+    hidden: list[torch.Tensor]
+    args: list[list[tuple[tuple, dict[str, Any]]]]  # [layer][chunk] -> (extra positional args, kwargs)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device=None,
+                         masks: list[torch.Tensor | None] | None = None, store=None,
+                         dtype: torch.dtype | None = None) -> LayerInputs:
+    """Record the first layer's hidden states and every layer's other arguments, per chunk of input ids
+    (and, for padded chunks, their ``attention_mask`` in ``masks``). The hidden states wait on ``store``
+    (a streamed run's activation device, the CPU when they do not fit on the compute device), else where made.
+    With ``dtype`` (the compute dtype) the hidden states and the floating arguments (position embeddings,
+    additive masks) are recorded in it, as a model stored in that dtype would make them.
+
+    The layers are stubbed out (identity on the hidden states), so this costs an embedding lookup and
+    the mask/rotary set-up per chunk, not a forward.
+    """
+    layers = decoder_layers(model)
+    base = decoder(model)
+    hidden: list[torch.Tensor] = []
+    args: list[list] = [[] for _ in layers]
+    originals = []
+
+    def stub(idx):
+        def forward(*a, **kw):
+            h = a[0] if a else kw.pop("hidden_states")
+            rest = a[1:]
+            if idx == 0:
+                x = to_compute(h.detach(), dtype)
+                hidden.append(x if store is None else x.to(store))
+            args[idx].append(to_compute((rest, dict(kw)), dtype))
+            if idx == len(layers) - 1:
+                raise Stop
+            return h
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        originals.append(layer.__dict__.get("forward"))
+        layer.forward = stub(i)
+    device = device or next(model.parameters()).device
+    heavy_work_starts()
+    try:
+        for c, ids in enumerate(chunks):
+            mask = masks[c] if masks is not None else None
+            try:
+                base(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
+            except Stop:
+                pass
+    finally:
+        for layer, orig in zip(layers, originals, strict=True):
+            if orig is None:
+                del layer.forward
+            else:
+                layer.forward = orig
+    return LayerInputs(hidden, args)
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[tuple, dict]) -> torch.Tensor:
+    """One decoder layer on one chunk of hidden states, with the arguments captured for it."""
+    rest, kw = args
+    param = next(layer.parameters(), None)
+    if param is not None and hidden.device != param.device:  # activations kept on the CPU between layers
+        hidden = hidden.to(param.device)
+    return _layer_output(layer(hidden, *rest, **kw))
