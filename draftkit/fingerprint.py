@@ -213,3 +213,20 @@ def explain(parts: dict[str, Any], before: dict[str, Any] | None) -> str:
     if not why and parts["previous"] != before.get("previous"):
         why.append("an earlier stage changed")
     return ", ".join(why) or "changed"
+
+
+def decide(out: Path, prev: dict[str, Any], fp: str, parts: dict[str, Any], forced: bool = False) -> tuple[bool, str]:
+    """(reuse the saved output ``out``?, why), from its manifest entry ``prev`` and today's fingerprint: a recipe's
+    stages (:mod:`draftkit.pipeline`) and a search's steps (:mod:`draftkit.search`) alike."""
+    if forced:
+        return False, "--from"
+    if prev.get("status") not in ("done", "gate_failed"):
+        return False, {None: "never run", "running": "killed before it finished",
+                       "failed": "failed last time", "interrupted": "interrupted last time"}.get(prev.get("status"), "not finished")
+    if "fingerprint" not in prev:
+        return False, "made by an older draftkit (no fingerprint)"
+    if not out.exists():
+        return False, "its output is missing"
+    if prev.get("fingerprint") != fp:
+        return False, explain(parts, prev.get("parts"))
+    return True, "unchanged"

@@ -3,7 +3,8 @@
 The estimate is arithmetic on the config and the checkpoint's size (no weights loaded):
 
 * weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
-  to embed the calibration tokens) and one decoder layer;
+  to embed the calibration tokens) and one decoder layer (an MoE layer's plus the per-expert tensors on disk
+  its largest fused expert parameter is built from: :func:`draftkit.moe.arch.moe_stream_bytes`);
 * calibration activations: the hidden states entering and leaving the current layer, for every token
   (:data:`ACTIVATION_COPIES`);
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
-from draftkit.moe.arch import moe_values_per_token
+from draftkit.moe.arch import moe_stream_bytes, moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -39,17 +40,10 @@ GB = 1e9
 
 
 def available_host_bytes() -> int:
-    """MemAvailable from /proc/meminfo (or the physical memory where that file does not exist)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * 2**30
+    """The memory available to a new allocation without swapping (psutil's ``available``: MemAvailable on Linux)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def available_device_bytes(device: torch.device) -> int | None:
@@ -98,7 +92,7 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     outside = embed * (1 if getattr(tc, "tie_word_embeddings", False) else 2)
     layer = max(0, ckpt_bytes - outside) // n_layers
     parts = {
-        "weights": ckpt_bytes if not streamed else max(embed, layer),
+        "weights": ckpt_bytes if not streamed else max(embed, layer + moe_stream_bytes(tc, dtype_bytes)),
         "activations": ACTIVATION_COPIES * tokens * hidden * act,
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
             10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
@@ -176,7 +170,7 @@ def fits_comfortably(model) -> bool:
     return size <= STREAM_ABOVE_BYTES and size <= 0.25 * (free or 0)
 
 
-_planned_store: ContextVar[torch.device | None] = ContextVar("draftkit_activation_store", default=None)
+_chosen_store: ContextVar[torch.device | None] = ContextVar("draftkit_activation_store", default=None)
 
 
 @contextmanager
@@ -184,16 +178,16 @@ def activation_store(device: torch.device | None) -> Iterator[None]:
     """Within this block, a resident layer-wise run (:class:`~draftkit.engine.layers.ResidentLayers`) keeps its
     activations on ``device``: the placement the memory estimate chose (:func:`activation_device`), as a
     streamed run's ``source.store`` is set."""
-    token = _planned_store.set(device)
+    token = _chosen_store.set(device)
     try:
         yield
     finally:
-        _planned_store.reset(token)
+        _chosen_store.reset(token)
 
 
-def planned_activation_store() -> torch.device | None:
+def chosen_activation_store() -> torch.device | None:
     """The placement set by :func:`activation_store`; None outside one (activations stay where they are made)."""
-    return _planned_store.get()
+    return _chosen_store.get()
 
 
 def gb(n: int) -> float:
@@ -206,14 +200,14 @@ _pending_compute: list[str] = []
 
 
 def announce_compute(line: str | None) -> None:
-    """Keep the compute-dtype choice (``compute bfloat16 (auto: ...)``) for the plan line, printed like the
-    estimate once the heavy work starts (or at the end of :func:`plan_line` when a stage never says so)."""
+    """Keep the compute-dtype choice (``compute bfloat16 (auto: ...)``) for the estimate line, printed like the
+    estimate once the heavy work starts (or at the end of :func:`estimate_line` when a stage never says so)."""
     _pending_compute[:] = [line] if line else []
 
 
 @contextlib.contextmanager
-def plan_line(*, flush: bool = True) -> Iterator[None]:
-    """Around a stage: on an error the pending plan line is forgotten (the error is the one line printed);
+def estimate_line(*, flush: bool = True) -> Iterator[None]:
+    """Around a stage: on an error the pending estimate line is forgotten (the error is the one line printed);
     with ``flush``, what is still pending once the block succeeds (a stage that never said its heavy work
     started) is printed then."""
     try:

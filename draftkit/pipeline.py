@@ -26,7 +26,6 @@ from typing import Any
 
 from draftkit import console
 from draftkit.atomic import (
-    atomic_dir,
     atomic_write_json,
     atomic_write_text,
     check_output_dir,
@@ -35,7 +34,7 @@ from draftkit.atomic import (
 )
 from draftkit.branches import input_identity, step_inputs
 from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, OutputExistsError
-from draftkit.fingerprint import explain, stage_fingerprint
+from draftkit.fingerprint import decide, stage_fingerprint
 from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.lock import LOCK_FILE, folder_lock
 from draftkit.memory import fits_comfortably
@@ -95,18 +94,7 @@ def run(recipe: Recipe, *, from_stage: str | None = None, dry_run: bool = False,
 
 def _decide(step, stage_dir: Path, prev: dict[str, Any], fp: str, parts: dict[str, Any], forced: bool) -> tuple[bool, str]:
     """(reuse the saved output?, why) for one stage."""
-    if forced:
-        return False, "--from"
-    if prev.get("status") not in ("done", "gate_failed"):
-        return False, {None: "never run", "running": "killed before it finished",
-                       "failed": "failed last time", "interrupted": "interrupted last time"}.get(prev.get("status"), "not finished")
-    if "fingerprint" not in prev:
-        return False, "made by an older draftkit (no fingerprint)"
-    if not stage_dir.exists():
-        return False, "its output is missing"
-    if prev.get("fingerprint") != fp:
-        return False, explain(parts, prev.get("parts"))
-    return True, "unchanged"
+    return decide(stage_dir, prev, fp, parts, forced)
 
 
 def plan(recipe: Recipe, *, from_stage: str | None = None) -> dict[str, Any]:
@@ -318,37 +306,3 @@ def _with_run_defaults(cfg, stage_dir: Path, config_hash: str):
                     shutil.rmtree(old, ignore_errors=True)
         return cfg.model_copy(update={"work_dir": str(root / config_hash)})
     return cfg
-
-
-def regenerate_into(cfg, out: str | Path, *, overwrite: bool = False, device: str = "cpu", dtype: str = "auto",
-                    trust_remote_code: bool = False) -> dict[str, Any]:
-    """``distill regenerate``: write the teacher's rows into ``out``, resuming a folder that holds them.
-
-    Every check (output rules, the data's columns) runs before anything is deleted; with ``overwrite`` the
-    new rows are written beside the old folder, which is replaced only once they are complete. The folder
-    is locked for the duration.
-    """
-    from draftkit.distill.regenerate import REPORT_FILE, ROWS_FILE, load_examples, regenerate
-
-    out = Path(out)
-    inputs = (cfg.teacher, *config_paths(cfg))
-    has_rows = out.is_dir() and (out / ROWS_FILE).is_file()
-    non_empty = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
-    if not overwrite and non_empty and not has_rows:
-        raise OutputExistsError(f"output {out} exists and holds no {ROWS_FILE}: pass --overwrite or choose another -o")
-    # protections and containment for every case; replacing needs an empty or draftkit folder
-    check_output_dir(out, overwrite=True, inputs=inputs) if (has_rows or not non_empty) else \
-        check_output_dir(out, overwrite=overwrite, inputs=inputs)
-    load_examples(cfg)  # the data is usable, before anything is touched
-    kw = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
-    with folder_lock(out, "distill regenerate"):
-        if not (overwrite and non_empty):
-            return regenerate(cfg, out, **kw) | {"output": str(out)}
-        with atomic_dir(out, overwrite=True) as tmp:
-            with folder_lock(tmp, "distill regenerate"):
-                report = regenerate(cfg, tmp, **kw)
-            (tmp / LOCK_FILE).unlink(missing_ok=True)
-        fixed = json.loads(json.dumps(report).replace(str(tmp), str(out)))
-        if (out / REPORT_FILE).is_file():
-            atomic_write_json(out / REPORT_FILE, json.loads((out / REPORT_FILE).read_text().replace(str(tmp), str(out))))
-        return fixed | {"output": str(out)}

@@ -37,8 +37,8 @@ _DEFAULTS: dict[str, Any] = {
     "references": (),
     "computes": True,  # runs forwards, in a compute dtype (draftkit.compute)
     "auto_float32": None,  # why ``compute: auto`` keeps float32 for it (bf16 changes its result beyond noise)
-    # the per-layer form: layers(model_name, cfg, load) -> draftkit.engine.LayerPlan (stream or not, the
-    # memory estimate, and the per-layer runner), decided before any weights load
+    # the per-layer form: layers(facts, cfg, load) -> draftkit.engine.placement.Placement (stream or not, the memory
+    # estimate, and the per-layer runner), decided before any weights load from the input's CheckpointFacts
     "layers": None,
     # the recipe's memory estimate of the stage (--dry-run, preflight): estimate(hf_config, cfg, load, ckpt_bytes)
     # -> bytes; default: the weights and a fifth
@@ -159,6 +159,15 @@ BUILTIN: tuple[Stage, ...] = (
           gates=(("min_mal", "mal", ">="), ("min_acceptance", "acceptance_rate", ">="),
                  ("min_speedup", "speedup", ">=")),
           relative_gate="mal", compared=_P + "compare:spec_metrics"),
+    Stage("search", config=_P + "search:SearchConfig", run=_P + "search:search_stage", save=_P + "search:write_search",
+          check=_P + "search:check_search",
+          help="Build and measure draft candidates for a target (blocks dropped x sparsity x healing, or other "
+               "bases): MAL, measured cost, predicted and engine speedup, the frontier, and the best draft as a recipe.",
+          command=_P + "cli.search:search",
+          references=(("dataset", "data"), ("prompts", "data"), ("more_prompts", "data"), ("calib.path", "data")),
+          estimate=_P + "search:recipe_estimate", preflight=_P + "search:preflight",
+          oom="--train-batch-size or --max-length (training), --regen-batch-size (regeneration)",
+          metrics=("best", "best_predicted_speedup", "frontier", "shared_steps")),
 )
 _registered: dict[str, Stage] = {s.name: s for s in BUILTIN}
 

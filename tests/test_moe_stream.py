@@ -155,3 +155,47 @@ def test_fused_keys_on_disk_stream_too(tiny_moe_models, calib_file, tmp_path):
     assert reports["on"]["experts"] == reports["off"]["experts"]
     stored = _identical(tmp_path / "on", tmp_path / "off")
     assert stored["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 6
+
+
+def test_streamed_recipe_prunes_experts_then_sparsifies(tiny_moe_models, calib_file, tmp_path):
+    """``load: {stream: on}`` in a recipe: prune (experts and a block) then Wanda, each stage streamed, the
+    final checkpoint the resident recipe's bit for bit."""
+    import yaml
+
+    from draftkit.pipeline import run
+    from draftkit.recipe import load_recipe
+
+    calib = {"path": str(calib_file), "samples": 6, "seqlen": 48}
+    outs = {}
+    for stream in ("off", "on"):
+        recipe = tmp_path / f"{stream}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "name": stream, "model": str(tiny_moe_models["olmoe"]), "output": str(tmp_path / stream),
+            "load": {"stream": stream},
+            "stages": [{"prune": {"layers": 1, "experts": 0.25, "expert_method": "ean", "calib": calib}},
+                       {"sparsify": {"method": "wanda", "sparsity": 0.5, "calib": calib}}]}, sort_keys=False))
+        outs[stream] = run(load_recipe(str(recipe)))
+        assert [s["report"].get("streamed", False) for s in outs[stream]["stages"]] == [stream == "on"] * 2
+    assert outs["on"]["stages"][0]["report"]["experts"] == outs["off"]["stages"][0]["report"]["experts"]
+    _identical(tmp_path / "on" / "01-sparsify", tmp_path / "off" / "01-sparsify")
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "on" / "01-sparsify")
+    assert final.config.num_experts == 6 and final.config.num_hidden_layers == 3
+
+
+def test_streamed_estimate_holds_the_layer_and_its_fused_experts_being_built():
+    """Streamed, an MoE layer's weights are counted with the per-expert tensors its largest fused expert parameter
+    is built from (held until the fused copy is whole)."""
+    import copy
+
+    from draftkit.memory import estimate_memory
+    from tests.conftest import tiny_moe_config
+
+    moe = tiny_moe_config("qwen3_moe", 400)
+    dense = copy.deepcopy(moe)
+    dense.num_experts = 0
+    kw = dict(ckpt_bytes=4 * 10**6, streamed=True, device=torch.device("cpu"), tokens=512, seqlen=64,
+              chunk_tokens=512, sparsegpt=False)
+    extra = estimate_memory(moe, **kw).parts["weights"] - estimate_memory(dense, **kw).parts["weights"]
+    assert extra == 8 * (2 * 32) * 64 * 4  # E x 2I x H float32
+    kw["streamed"] = False
+    assert estimate_memory(moe, **kw).parts["weights"] == 4 * 10**6  # resident: the checkpoint, already counted

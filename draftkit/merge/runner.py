@@ -215,7 +215,7 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
     check_same_architecture(names + ([cfg.base] if cfg.base else []), ckpts + ([base_ckpt] if base_ckpt else []))
     ref = ckpts[0]
     out_dtype = None if load.dtype == "auto" else torch_dtype(load.dtype)
-    plan = [(k, ref.shape[k], out_dtype if out_dtype is not None and ref.dtype[k].is_floating_point else ref.dtype[k])
+    tensors = [(k, ref.shape[k], out_dtype if out_dtype is not None and ref.dtype[k].is_floating_point else ref.dtype[k])
             for k in ref.keys()]
     n_layers = int(getattr(text_config(ref.config), "num_hidden_layers", 0) or 0)
     filters = cfg.t_filter_list()
@@ -233,8 +233,8 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
     if is_sparse_checkpoint(ref.path) and hasattr(config, "quantization_config"):
         del config.quantization_config  # written dense (zeros in place)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, plan, SHARD_BYTES)
-        for key, _, dtype in console.track(plan, "merging tensors"):
+        writer = ShardWriter(tmp, tensors, SHARD_BYTES)
+        for key, _, dtype in console.track(tensors, "merging tensors"):
             kind = dtype.is_floating_point and ref.dtype[key].is_floating_point
             if not kind:  # integer buffers: the first model's
                 writer.write({key: ref.get(key)})

@@ -132,6 +132,19 @@ def moe_values_per_token(config) -> int:
     return int(E + k * (2 * hidden + 3 * width))
 
 
+def moe_stream_bytes(config, dtype_bytes: int) -> int:
+    """Extra host bytes while a streamed MoE layer is read (0 for a dense config): its largest fused expert
+    parameter (``gate_up_proj``, ``E x 2I x H``) is built from the per-expert tensors on disk, which are held
+    until it is whole (:mod:`draftkit.moe.stream`; measured: the read peaks at twice the fused tensor)."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    E = next((getattr(tc, k) for k in EXPERT_COUNT_KEYS if isinstance(getattr(tc, k, None), int)), 0) or 0
+    if E <= 0:
+        return 0
+    hidden = int(getattr(tc, "hidden_size", 0) or 0)
+    width = int(getattr(tc, "moe_intermediate_size", None) or getattr(tc, "intermediate_size", 0) or 0)
+    return E * 2 * width * hidden * dtype_bytes
+
+
 def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 
