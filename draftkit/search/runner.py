@@ -164,13 +164,10 @@ class Search:
             model, tok = load_model_and_tokenizer(self.source_path(step.input), dtype="auto", device=str(self.device),
                                                   trust_remote_code=self.trust and step.input.startswith("base:"))
         cfg = step.config
-        if step.stage == "prune":
-            from draftkit.prune import prune_model as run
-        elif step.stage == "sparsify":
-            from draftkit.sparsify import sparsify_model as run
-        else:
-            from draftkit.distill import distill_model as run
+        from draftkit.registry import stage as registered
 
+        run = registered(step.stage).run  # the stage's function, as it is registered (draftkit/registry.py)
+        if "work_dir" in type(cfg).model_fields:  # a resumable stage (distill) works in the search's folder
             cfg = cfg.model_copy(update={"work_dir": str(self.work / "train" / step.id)})
         model, report = run(model, tok, cfg)
         provenance = make_provenance(stage=step.stage, source=self.source_path(step.input), facts=report,
