@@ -357,6 +357,11 @@ def run_search(target, tokenizer, cfg: SearchConfig, *, target_name: str) -> dic
             from draftkit.errors import InvalidInputError
 
             raise InvalidInputError("a search over several processes needs a work_dir they share: pass --work-dir")
+        if procs.world == 1:  # a killed run's half-written models (never a finished one); others may be writing theirs
+            import shutil
+
+            for stale in (work / "steps").glob(".*.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         if procs.world > 1 and next(target.parameters()).device.type == "cuda":
             target.to(f"cuda:{procs.local_rank}")
         report = Search(target, tokenizer, cfg, target_name=target_name, work=work, procs=procs).run()
