@@ -39,6 +39,13 @@ def _stage(config, **absolute_fields: bool) -> dict[str, Any]:
     return data
 
 
+def stage_of(config) -> str:
+    """The name of the stage that takes ``config`` (:mod:`draftkit.registry`)."""
+    from draftkit.registry import stages
+
+    return next(name for name, entry in stages().items() if entry.config is type(config))
+
+
 def best_recipe(report: dict[str, Any], cfg: SearchConfig, out: Path) -> dict[str, Any] | None:
     """The recipe that rebuilds the best candidate from its source and measures it with ``spec`` (the same prompts,
     k and tokens): ``draftkit run`` reproduces its MAL."""
@@ -48,16 +55,16 @@ def best_recipe(report: dict[str, Any], cfg: SearchConfig, out: Path) -> dict[st
     if best is None:
         return None
     target = _absolute(report["target"])
-    stages: list[dict[str, Any]] = []
+    configs: list[Any] = []
     if best["drop"]:
-        stages.append({"prune": _stage(prune_config(cfg, best["drop"]))})
+        configs.append(prune_config(cfg, best["drop"]))
     if best["sparsity"] != "0":
-        stages.append({"sparsify": _stage(sparsify_config(cfg, best["sparsity"]))})
-    if best["healing"] != "none":
-        stages.append({"distill": _stage(heal_config(cfg, best["healing"], best["seed"], target=target, rows=None))})
-    spec = SpecConfig(target=target, prompts=cfg.prompts, limit=cfg.prompt_limit, k=cfg.k,
-                      max_new_tokens=cfg.max_new_tokens, chat=cfg.chat, check_lossless=False)
-    stages.append({"spec": _stage(spec)})
+        configs.append(sparsify_config(cfg, best["sparsity"]))
+    if best["healing"] != "none":  # distill regenerates the rows itself (the search regenerated them once for all)
+        configs.append(heal_config(cfg, best["healing"], best["seed"], target=target, rows=None))
+    configs.append(SpecConfig(target=target, prompts=cfg.prompts, limit=cfg.prompt_limit, k=cfg.k,
+                              max_new_tokens=cfg.max_new_tokens, chat=cfg.chat, check_lossless=False))
+    stages = [{stage_of(c): _stage(c)} for c in configs]
     load = report.get("load") or {}
     return {
         "name": f"search-best-{best['name']}",

@@ -163,16 +163,12 @@ class Search:
         else:
             model, tok = load_model_and_tokenizer(self.source_path(step.input), dtype="auto", device=str(self.device),
                                                   trust_remote_code=self.trust and step.input.startswith("base:"))
-        cfg = step.config
-        if step.stage == "prune":
-            from draftkit.prune import prune_model as run
-        elif step.stage == "sparsify":
-            from draftkit.sparsify import sparsify_model as run
-        else:
-            from draftkit.distill import distill_model as run
+        from draftkit.registry import stages
 
+        cfg = step.config
+        if "work_dir" in type(cfg).model_fields:  # a training's resumable files, inside the search's work folder
             cfg = cfg.model_copy(update={"work_dir": str(self.work / "train" / step.id)})
-        model, report = run(model, tok, cfg)
+        model, report = stages()[step.stage].run(model, tok, cfg)  # the stage's own function (draftkit.registry)
         provenance = make_provenance(stage=step.stage, source=self.source_path(step.input), facts=report,
                                      arguments={"config": step.config.model_dump(mode="json"), "search_step": step.id})
         save_model(model, tok, out, provenance=provenance, overwrite=True)
