@@ -169,3 +169,23 @@ def _locked(folder: Path, path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def output_lock_of(out: Path, what: str, *, held: bool = False):
+    """The lock of a command's output (:func:`draftkit.lock.output_lock`); rank 0 alone holds it. ``held``: a
+    lock above it (a recipe run's) already covers it."""
+    from contextlib import nullcontext
+
+    if held or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0):
+        return nullcontext()
+    return output_lock(out, what)
+
+
+def work_dir_lock(cfg, what: str):
+    """The lock of a stage's resumable work folder (``cfg.work_dir``), or a no-op when it has none."""
+    from contextlib import nullcontext
+
+    work = getattr(cfg, "work_dir", None)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext()  # accelerate/torchrun: the processes of one run share the folder; rank 0 holds it
+    return folder_lock(work, what) if work else nullcontext()

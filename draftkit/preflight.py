@@ -368,10 +368,9 @@ def _device_memory(device: str) -> tuple[int | None, str]:
     if device.startswith(("cuda", "auto")) and torch.cuda.is_available():
         idx = int(device.split(":")[1]) if device.startswith("cuda:") else 0
         return torch.cuda.get_device_properties(idx).total_memory, f"GPU {idx}"
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
-    except (ValueError, OSError, AttributeError):
-        return None, ""
+    import psutil
+
+    return int(psutil.virtual_memory().total), "this machine's RAM"
 
 
 def _check_memory(c: _Collector, estimates: dict[int, int], device: str) -> None:

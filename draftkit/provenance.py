@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -85,17 +84,3 @@ def make_provenance(
         "facts": facts or {},
         "parent": parent,
     }
-
-
-def directory_hash(path: str | os.PathLike) -> str:
-    """A cheap content identity of a model directory (or file): names, sizes and mtimes of its files."""
-    h = hashlib.sha256()
-    p = Path(path)
-    if not p.exists():
-        h.update(str(path).encode())
-        return h.hexdigest()[:16]
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if f != p else f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]

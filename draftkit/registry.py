@@ -37,8 +37,8 @@ _DEFAULTS: dict[str, Any] = {
     "references": (),
     "computes": True,  # runs forwards, in a compute dtype (draftkit.compute)
     "auto_float32": None,  # why ``compute: auto`` keeps float32 for it (bf16 changes its result beyond noise)
-    # the per-layer form: layers(model_name, cfg, load) -> draftkit.engine.LayerPlan (stream or not, the
-    # memory estimate, and the per-layer runner), decided before any weights load
+    # the per-layer form: layers(facts, cfg, load) -> draftkit.engine.placement.Placement (stream or not, the memory
+    # estimate, and the per-layer runner), decided before any weights load from the input's CheckpointFacts
     "layers": None,
     # the recipe's memory estimate of the stage (--dry-run, preflight): estimate(hf_config, cfg, load, ckpt_bytes)
     # -> bytes; default: the weights and a fifth

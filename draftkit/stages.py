@@ -19,15 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from draftkit.atomic import atomic_dir, atomic_write_json, check_output_dir, config_paths
 from draftkit.checkpoint import (
     check_device,
-    load_config,
+    check_finite,
     load_model_and_tokenizer,
     load_tokenizer,
     save_model,
 )
 from draftkit.compute import ComputeChoice, cast_for_compute, computing
 from draftkit.compute import current as current_compute
-from draftkit.errors import GateFailedError, InvalidInputError, NonFiniteError
-from draftkit.memory import heavy_work_starts, plan_line
+from draftkit.engine.placement import checkpoint_facts
+from draftkit.errors import GateFailedError, InvalidInputError
+from draftkit.memory import estimate_line, heavy_work_starts
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
 from draftkit.registry import Stage, stages
 from draftkit.registry import stage as registered
@@ -72,7 +73,7 @@ class LoadConfig(BaseModel):
 
 def stage_compute(name: str, load: LoadConfig) -> ComputeChoice | None:
     """The compute dtype stage ``name`` runs its forwards in (:mod:`draftkit.compute`); None for a stage that
-    runs none (``computes`` False in :mod:`draftkit.registry`). The choice and why are printed on the plan line, once the heavy work starts (so bad
+    runs none (``computes`` False in :mod:`draftkit.registry`). The choice and why are printed on the estimate line, once the heavy work starts (so bad
     input found before then is still a single line)."""
     from draftkit.checkpoint import resolve_device
     from draftkit.compute import resolve_compute
@@ -179,18 +180,22 @@ def run_stage_on(
     t0 = time.perf_counter()
     if held is not None and held.path != model_name:
         held.release()
+    # what the stage's checks and its per-layer form need of the input, read once before any weights load
+    facts = checkpoint_facts(model_name, load) if stage.check is not None or stage.layers is not None else None
     if stage.check is not None:
-        stage.check(load_config(model_name, trust_remote_code=load.trust_remote_code), cfg)
+        stage.check(facts.config, cfg)
     in_compute = False  # loaded in the compute dtype rather than the stored one: never handed on
     # a command's output is locked while written; a recipe's stage (lock_what names its run) writes inside the
     # run's folder, which the run holds locked
+    from draftkit.lock import output_lock_of, work_dir_lock
+
     with output_lock_of(out, stage.name, held=lock_what is not None), work_dir_lock(cfg, lock_what or stage.name), \
-            computing(stage_compute(name, load)) as choice, plan_line(flush=False):
+            computing(stage_compute(name, load)) as choice, estimate_line(flush=False):
         from draftkit.checkpoint import resolve_device
         from draftkit.memory import activation_device, activation_store, announce_before_heavy_work
 
         # the stage's per-layer form decides, before any weights load, whether it streams and how much it needs
-        placement = stage.layers(model_name, cfg, load) if stage.layers is not None else None
+        placement = stage.layers(facts, cfg, load) if stage.layers is not None else None
         estimate, streamed = (placement.estimate, placement.streamed) if placement is not None else (None, False)
         if placement is not None and placement.write is not None:  # streamed: it writes its output shard by shard
             if held is not None:
@@ -252,7 +257,7 @@ def execute_stage(
     :func:`raise_if_gate_failed`.
     """
     choice = current_compute() or stage_compute(stage.name, load)
-    with plan_line(flush=False), computing(choice), cast_for_compute(model if stage.save == "report" else None):
+    with estimate_line(flush=False), computing(choice), cast_for_compute(model if stage.save == "report" else None):
         model, report = stage.run(model, tokenizer, cfg)  # prune/sparsify/distill cast what they run themselves
     if choice is not None:
         report["compute"] = choice.name
@@ -275,56 +280,8 @@ def execute_stage(
     else:
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
-    heavy_work_starts()  # the plan line (compute dtype) of a stage that never said its heavy work started
+    heavy_work_starts()  # the estimate line (compute dtype) of a stage that never said its heavy work started
     return model, tokenizer, report
-
-
-def output_lock_of(out: Path, what: str, *, held: bool = False):
-    """The lock of a command's output (:func:`draftkit.lock.output_lock`); rank 0 alone holds it. ``held``: a
-    lock above it (a recipe run's) already covers it."""
-    from contextlib import nullcontext
-
-    from draftkit.lock import output_lock
-
-    if held or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0):
-        return nullcontext()
-    return output_lock(out, what)
-
-
-def work_dir_lock(cfg: BaseModel, what: str):
-    """The lock of a stage's resumable work folder (``cfg.work_dir``), or a no-op when it has none."""
-    from contextlib import nullcontext
-
-    from draftkit.lock import folder_lock
-
-    work = getattr(cfg, "work_dir", None)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
-        return nullcontext()  # accelerate/torchrun: the processes of one run share the folder; rank 0 holds it
-    return folder_lock(work, what) if work else nullcontext()
-
-
-def check_finite(model, stage: str = "stage") -> None:
-    """Refuse to save a model with NaN or Inf in any weight or buffer (a diverged or broken run).
-
-    Raises:
-        NonFiniteError: naming the first tensors affected; nothing has been written.
-    """
-    import torch
-
-    bad: list[str] = []
-    n_bad = 0
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-                n_bad += 1
-                if len(bad) < 3:
-                    bad.append(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
-    if n_bad:
-        more = f" and {n_bad - len(bad)} more tensors" if n_bad > len(bad) else ""
-        raise NonFiniteError(
-            f"{stage}: the result holds NaN/Inf weights in {', '.join(bad)}{more}; nothing was saved. "
-            "The run diverged or its input is broken: check the input model, lower the learning rate, or use float32"
-        )
 
 
 def _is_main_process() -> bool:

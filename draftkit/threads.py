@@ -3,7 +3,7 @@
 torch's default is one intra-op thread per core. When another process is busy on the same cores,
 those threads wait on each other at every parallel region and a run slows down several times
 (benchmarks/threads.py measured it; the README's table). The default here, ``auto``, is the number of
-cores this process may use minus the cores other processes keep busy (sampled from /proc/stat for
+cores this process may use minus the cores other processes keep busy (sampled by psutil for
 0.2 s when the process starts), at least 1. ``--threads N`` on every command, ``load.threads`` in a recipe or ``DRAFTKIT_THREADS``
 set it explicitly.
 """
@@ -25,26 +25,14 @@ def available_cpus() -> int:
 
 
 def busy_cores(sample_seconds: float = 0.2) -> float:
-    """How many cores other processes keep busy right now: /proc/stat sampled over ``sample_seconds``
-    (this process sleeps meanwhile), else the 1-minute load average (which lags by a minute)."""
-    import time
+    """How many cores other processes keep busy right now: the machine's CPU use sampled over ``sample_seconds``
+    by psutil (this process sleeps meanwhile), else the 1-minute load average (which lags by a minute)."""
+    try:
+        import psutil
 
-    def read() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
-
-    first = read()
-    if first is not None:
-        time.sleep(sample_seconds)
-        second = read()
-        if second is not None and second[0] > first[0]:
-            total, idle = second[0] - first[0], second[1] - first[1]
-            return (os.cpu_count() or 1) * (total - idle) / total
+        return (psutil.cpu_count() or os.cpu_count() or 1) * psutil.cpu_percent(interval=sample_seconds) / 100
+    except (ImportError, OSError):
+        pass
     try:
         return os.getloadavg()[0]
     except OSError:

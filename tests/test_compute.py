@@ -86,7 +86,7 @@ def test_a_stage_listed_float32_keeps_it_under_auto_only(monkeypatch):
     assert resolve_compute("bfloat16", "cpu", flags=set(), stage="spec").dtype == torch.bfloat16
 
 
-def test_the_choice_is_printed_with_why_on_the_plan_line(tiny_llama, calib_file, tmp_path, capsys, monkeypatch):
+def test_the_choice_is_printed_with_why_on_the_estimate_line(tiny_llama, calib_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(compute, "cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx512_bf16"}))
     cfg = SparsifyConfig(method="wanda", sparsity=0.5, calib=CalibConfig(path=str(calib_file), samples=4, seqlen=32))
     run_stage("sparsify", str(tiny_llama), cfg, out=tmp_path / "o", load=LoadConfig(stream="off"))

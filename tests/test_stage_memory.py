@@ -7,6 +7,7 @@ import torch
 
 from draftkit.checkpoint import load_model_and_tokenizer
 from draftkit.data import CalibConfig, calibration_samples
+from draftkit.engine import forward
 from draftkit.prune import runner
 
 
@@ -16,7 +17,7 @@ def test_prune_scoring_frees_each_layers_hidden_states(tiny_llama, calib_file, m
     model, tok = load_model_and_tokenizer(str(tiny_llama), dtype="float32", device="cpu")
     samples = calibration_samples(tok, CalibConfig(path=str(calib_file), samples=4, seqlen=32))
     outputs: list[list[weakref.ref]] = []
-    real = runner.run_layer
+    real = forward.run_layer  # the engine's layer forward, which scoring runs through
 
     def tracked(layer, hidden, args):
         out = real(layer, hidden, args)
@@ -28,7 +29,7 @@ def test_prune_scoring_frees_each_layers_hidden_states(tiny_llama, calib_file, m
             assert all(r() is None for r in outputs[index - 3]), f"layer {index - 3}'s hidden states are still alive"
         return out
 
-    monkeypatch.setattr(runner, "run_layer", tracked)
+    monkeypatch.setattr(forward, "run_layer", tracked)
     states, bi = runner.collect_layer_states(model, samples, batch_size=2)
     assert len(outputs) == 6 and states.shape == (4, 7, model.config.hidden_size) and states.dtype == torch.float32
     # the kept states are the last token's, whatever the storage

@@ -52,14 +52,14 @@ def test_resident_perplexity_tokenizes_the_file_once(tiny_llama, ppl_files, tmp_
     from draftkit.evaluate import streamed as streamed_mod
 
     calls = []
-    real = ppl_mod.plan_perplexity
+    real = ppl_mod.perplexity_batches
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppl_mod, "plan_perplexity", counted)
-    monkeypatch.setattr(streamed_mod, "plan_perplexity", counted)
+    monkeypatch.setattr(ppl_mod, "perplexity_batches", counted)
+    monkeypatch.setattr(streamed_mod, "perplexity_batches", counted)
     off = _ppl(tiny_llama, ppl_files["text"], tmp_path, "off")
     assert not off.get("streamed") and off["tasks"]["perplexity"]["tokens"] > 0
     assert len(calls) == 1

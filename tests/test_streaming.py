@@ -116,7 +116,7 @@ def test_shard_writer_dtypes_and_order(tmp_path):
     w = ShardWriter(tmp_path, plan, max_shard_bytes=30)
     t = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5), "c": torch.randn(2, 2)}
     w.write({"b": t["b"], "a": t["a"]})  # any order inside one call
-    with pytest.raises(RuntimeError, match="plan expects c"):
+    with pytest.raises(RuntimeError, match="order expects c"):
         w.write({"a": t["a"]})
     w.write({"c": t["c"]})
     w.close()

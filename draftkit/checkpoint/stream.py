@@ -4,7 +4,7 @@ the config), modules filled and freed one at a time, and safetensors shards writ
 
 The design follows llm-compressor's sequential onloading and mergekit's lazy tensor reads, and goes
 one step further on the host side: the output shards' layout (names, shapes, dtypes, offsets) is
-planned before any data exists, so every tensor is written to disk the moment it is ready and no
+declared before any data exists, so every tensor is written to disk the moment it is ready and no
 shard is ever buffered in memory. Peak memory is one decoder layer plus the largest single tensor.
 """
 
@@ -150,21 +150,21 @@ def read_rows(file: Path, name: str, start: int, stop: int) -> torch.Tensor:
 
 
 class ShardWriter:
-    """Safetensors shards written tensor by tensor, in an order planned up front.
+    """Safetensors shards written tensor by tensor, in an order fixed up front.
 
-    ``plan`` lists every output tensor (name, shape, dtype) in the order it will be produced; shards
+    ``tensors`` lists every output tensor (name, shape, dtype) in the order it will be produced; shards
     are cut at ``max_shard_bytes`` (a larger tensor gets a shard of its own). Each shard's header is
     written when its first tensor arrives, and every tensor goes to disk at once. One shard is named
     ``model.safetensors``; several are ``model-0000i-of-0000N.safetensors`` with
     ``model.safetensors.index.json``, as ``save_pretrained`` writes them.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+    def __init__(self, out_dir: str | os.PathLike, tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_bytes: int = 2 * 2**30):
         self.out = Path(out_dir)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
         size = 0
-        for entry in plan:
+        for entry in tensors:
             n = math.prod(entry[1]) * _itemsize(entry[2])
             if shards[-1] and size + n > max_shard_bytes:
                 shards.append([])
@@ -174,16 +174,16 @@ class ShardWriter:
         total = len(shards)
         self.files = [SAFE_WEIGHTS] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self.shards = shards
-        self.order = [e[0] for e in plan]
-        self.spec = {e[0]: e for e in plan}
+        self.order = [e[0] for e in tensors]
+        self.spec = {e[0]: e for e in tensors}
         self.shard_of = {e[0]: i for i, s in enumerate(shards) for e in s}
-        self.total_size = sum(math.prod(e[1]) * _itemsize(e[2]) for e in plan)
+        self.total_size = sum(math.prod(e[1]) * _itemsize(e[2]) for e in tensors)
         self.next = 0
         self._file: BinaryIO | None = None
         self._shard = -1
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write tensors that come next in the plan (in any order inside the dict).
+        """Write tensors that come next in that order (in any order inside the dict).
 
         Raises:
             NonFiniteError: a tensor holds NaN/Inf (a diverged run or a broken input); the caller's
@@ -193,7 +193,7 @@ class ShardWriter:
             t = tensors[name]
             _, shape, dtype = self.spec[name]
             if tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"shard writer: {name} has shape {list(t.shape)}, planned {list(shape)}")
+                raise RuntimeError(f"shard writer: {name} has shape {list(t.shape)}, declared {list(shape)}")
             t = t.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
             self._begin(name)
             for start in range(0, t.numel(), _CHUNK):  # checked and written in slices: no whole-tensor copy
@@ -205,7 +205,7 @@ class ShardWriter:
 
     def write_parts(self, name: str, parts) -> None:
         """Write tensor ``name`` as consecutive row slices (``parts`` yields tensors whose rows, joined,
-        are the planned tensor), so a tensor larger than memory is never whole."""
+        are the declared tensor), so a tensor larger than memory is never whole."""
         _, shape, dtype = self.spec[name]
         self._begin(name)
         rows = 0
@@ -216,17 +216,17 @@ class ShardWriter:
             self._file.write(part.view(torch.uint8).numpy().data)
             rows += part.numel()
         if rows != math.prod(shape):
-            raise RuntimeError(f"shard writer: {name} got {rows} values in parts, planned {math.prod(shape)}")
+            raise RuntimeError(f"shard writer: {name} got {rows} values in parts, declared {math.prod(shape)}")
         self.next += 1
 
     def copy(self, name: str, source: Path, src_name: str) -> None:
         """Write ``name`` as the bytes of tensor ``src_name`` of safetensors file ``source``, read with
         plain file reads in slices (no memory map, so the copy costs one slice of memory whatever the
-        tensor's size). The dtype and shape must be the planned ones."""
+        tensor's size). The dtype and shape must be the declared ones."""
         offsets, dtype_name, shape = _stored_tensor(source, src_name)
         _, want_shape, want_dtype = self.spec[name]
         if tuple(shape) != tuple(want_shape) or dtype_name != _ST_DTYPES[want_dtype]:
-            raise RuntimeError(f"shard writer: {src_name} in {source} is {dtype_name}{list(shape)}, planned "
+            raise RuntimeError(f"shard writer: {src_name} in {source} is {dtype_name}{list(shape)}, declared "
                                f"{_ST_DTYPES[want_dtype]}{list(want_shape)}")
         self._begin(name)
         step = _CHUNK * _itemsize(want_dtype)
@@ -247,7 +247,7 @@ class ShardWriter:
     def _begin(self, name: str) -> None:
         expected = self.order[self.next] if self.next < len(self.order) else None
         if name != expected:
-            raise RuntimeError(f"shard writer: got {name}, the plan expects {expected}")
+            raise RuntimeError(f"shard writer: got {name}, the order expects {expected}")
         shard = self.shard_of[name]
         if shard != self._shard:
             self._open(shard)
@@ -272,7 +272,7 @@ class ShardWriter:
             self._file.close()
             self._file = None
         if self.next != len(self.order):
-            raise RuntimeError(f"shard writer: {len(self.order) - self.next} planned tensors were never written")
+            raise RuntimeError(f"shard writer: {len(self.order) - self.next} declared tensors were never written")
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},

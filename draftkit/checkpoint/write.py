@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from draftkit.checkpoint.files import SAFE_INDEX, SAFE_WEIGHTS, sync_progress_bars
+from draftkit.errors import NonFiniteError
 from draftkit.provenance import PROVENANCE_FILE
 
 
@@ -72,3 +73,28 @@ def save_model(model, tokenizer, out: str | os.PathLike, *, provenance: dict[str
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / PROVENANCE_FILE, provenance)
     return Path(out)
+
+
+def check_finite(model, stage: str = "stage") -> None:
+    """Refuse to save a model with NaN or Inf in any weight or buffer (a diverged or broken run).
+
+    Raises:
+        NonFiniteError: naming the first tensors affected; nothing has been written.
+    """
+    bad: list[str] = []
+    n_bad = 0
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            # 16M values at a time: isfinite of a whole bf16 embedding (262M values at Llama-3's vocabulary) made
+            # about 1.2 GB of temporaries, the run's peak
+            if t.is_floating_point() and t.numel() and not all(
+                    bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(2**24)):
+                n_bad += 1
+                if len(bad) < 3:
+                    bad.append(f"{name} ({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
+    if n_bad:
+        more = f" and {n_bad - len(bad)} more tensors" if n_bad > len(bad) else ""
+        raise NonFiniteError(
+            f"{stage}: the result holds NaN/Inf weights in {', '.join(bad)}{more}; nothing was saved. "
+            "The run diverged or its input is broken: check the input model, lower the learning rate, or use float32"
+        )

@@ -135,7 +135,7 @@ def regenerate_cmd(*, cfg: dict, load: dict, io: Output) -> None:
       draftkit distill regenerate --teacher examples/tiny/teacher --dataset examples/tiny/data/train.jsonl
       --template instruction-only --limit 500 --max-new-tokens 96 -o rows
     """
-    from draftkit.pipeline import regenerate_into
+    from draftkit.distill.regenerate import regenerate_into
 
     console.set_quiet(io.quiet)
     if cfg["teacher"] is None:
@@ -146,9 +146,9 @@ def regenerate_cmd(*, cfg: dict, load: dict, io: Output) -> None:
     from draftkit.stages import stage_compute
 
     choice = stage_compute("regenerate", settings)  # the teacher only runs: it loads in the compute dtype
-    from draftkit.memory import plan_line
+    from draftkit.memory import estimate_line
 
-    with plan_line():
+    with estimate_line():
         report = regenerate_into(config, out, overwrite=io.overwrite, device=settings.device,
                                  dtype=choice.name if choice else settings.dtype, trust_remote_code=settings.trust_remote_code)
     report["output"] = str(out)

@@ -10,9 +10,10 @@ from draftkit import console
 from draftkit.atomic import check_output_dir
 from draftkit.cli._common import OUTPUT, Output, build, default_output, emit, handle_errors
 from draftkit.cli._options import LOAD_ONLY_STREAMED, Fields, config_options
+from draftkit.lock import output_lock_of
 from draftkit.merge import MergeConfig, merge_checkpoints
 from draftkit.refs import resolve_model_ref
-from draftkit.stages import LoadConfig, output_lock_of
+from draftkit.stages import LoadConfig
 
 ModelsArg = Annotated[list[str], typer.Argument(
     help="two or more models of one architecture: local directories, aliases or hub ids (SLERP: the first is t=0)",

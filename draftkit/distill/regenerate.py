@@ -280,3 +280,39 @@ def _row(e: Example, g: Generation, cfg: DistillConfig, keys: dict[str, Any]) ->
         "new_tokens": g.new_tokens,
         **keys,
     }
+
+
+def regenerate_into(cfg, out: str | Path, *, overwrite: bool = False, device: str = "cpu", dtype: str = "auto",
+                    trust_remote_code: bool = False) -> dict[str, Any]:
+    """``distill regenerate``'s driver (moved here from ``draftkit/pipeline.py``): write the teacher's rows into ``out``, resuming a folder that holds them.
+
+    Every check (output rules, the data's columns) runs before anything is deleted; with ``overwrite`` the
+    new rows are written beside the old folder, which is replaced only once they are complete. The folder
+    is locked for the duration.
+    """
+    from draftkit.atomic import atomic_dir, check_output_dir, config_paths
+    from draftkit.errors import OutputExistsError
+    from draftkit.lock import LOCK_FILE, folder_lock
+
+    out = Path(out)
+    inputs = (cfg.teacher, *config_paths(cfg))
+    has_rows = out.is_dir() and (out / ROWS_FILE).is_file()
+    non_empty = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+    if not overwrite and non_empty and not has_rows:
+        raise OutputExistsError(f"output {out} exists and holds no {ROWS_FILE}: pass --overwrite or choose another -o")
+    # protections and containment for every case; replacing needs an empty or draftkit folder
+    check_output_dir(out, overwrite=True, inputs=inputs) if (has_rows or not non_empty) else \
+        check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    load_examples(cfg)  # the data is usable, before anything is touched
+    kw = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    with folder_lock(out, "distill regenerate"):
+        if not (overwrite and non_empty):
+            return regenerate(cfg, out, **kw) | {"output": str(out)}
+        with atomic_dir(out, overwrite=True) as tmp:
+            with folder_lock(tmp, "distill regenerate"):
+                report = regenerate(cfg, tmp, **kw)
+            (tmp / LOCK_FILE).unlink(missing_ok=True)
+        fixed = json.loads(json.dumps(report).replace(str(tmp), str(out)))
+        if (out / REPORT_FILE).is_file():
+            atomic_write_json(out / REPORT_FILE, json.loads((out / REPORT_FILE).read_text().replace(str(tmp), str(out))))
+        return fixed | {"output": str(out)}

@@ -59,7 +59,7 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
             if idx == 0:
                 x = to_compute(h.detach(), dtype)
                 hidden.append(x if store is None else x.to(store))
-            args[idx].append(to_compute((rest, dict(kw)), dtype))
+            args[idx].append(to_compute((rest, dict(kw)), dtype, memo))
             if idx == len(layers) - 1:
                 raise Stop
             return h
@@ -73,6 +73,7 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
     heavy_work_starts()
     try:
         for c, ids in enumerate(chunks):
+            memo: dict = {}  # one cast per tensor the layers share (position embeddings, masks)
             mask = masks[c] if masks is not None else None
             try:
                 base(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)
@@ -98,3 +99,37 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[tuple, dict]) 
     if param is not None and hidden.device != param.device:  # activations kept on the CPU between layers
         hidden = hidden.to(param.device)
     return _layer_output(layer(hidden, *rest, **kw))
+
+
+@torch.no_grad()
+def through_layers(source, chunks: list[torch.Tensor], *, masks: list[torch.Tensor | None] | None = None,
+                   before=None, after=None, desc: str = "layers") -> list[torch.Tensor]:
+    """The sequential pass every layer-wise stage makes: each decoder layer of ``source``
+    (:mod:`draftkit.engine.layers`) once, in order, over every chunk of token ids; only one layer is loaded at a
+    time, and the hidden states wait on ``source.store`` between layers (the placement the memory estimate chose).
+
+    A stage plugs in per layer, as llm-compressor's modifiers hook a layer in its sequential pipeline:
+    ``before(i, layer, run_all, masters)`` may edit layer ``i`` before its outputs are computed (``run_all()``
+    runs it over every chunk; ``masters``: its stored-dtype weights), and ``after(i, c, x_in, x_out)`` sees each
+    chunk's input and output of the layer (scoring). Returns the last layer's outputs, per chunk.
+    """
+    from draftkit.console import track
+
+    source.load_outside()
+    inputs = capture_layer_inputs(source.model, chunks, device=source.device, masks=masks, store=source.store,
+                                  dtype=source.masters.dtype)
+    source.free_outside()
+    hidden = inputs.hidden
+    for i in track(range(len(source.layers)), desc):
+        layer = source.load(i)
+        if before is not None:
+            before(i, layer, lambda: [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))],  # noqa: B023
+                   source.masters)
+        for c in range(len(hidden)):
+            x_out = run_layer(layer, hidden[c], inputs.args[i][c])
+            if after is not None:
+                after(i, c, hidden[c], x_out)
+            hidden[c] = x_out if source.store is None else x_out.to(source.store)
+        inputs.args[i] = []  # free this layer's masks and position embeddings
+        source.done(i)  # frees a streamed layer and hands the freed pages back: host memory stays flat with depth
+    return hidden

@@ -31,7 +31,7 @@ from draftkit.checkpoint.stream import (
     parameter_keys,
 )
 from draftkit.compute import Masters, current_dtype
-from draftkit.memory import planned_activation_store, release_freed_memory
+from draftkit.memory import chosen_activation_store, release_freed_memory
 from draftkit.modeling import _find_layer_list, decoder, decoder_layers, final_norm
 from draftkit.moe.stream import converted_checkpoint, disk_entries
 
@@ -58,7 +58,7 @@ class ResidentLayers:
         self.device = next(model.parameters()).device
         self.masters = Masters(current_dtype())
         # where activations wait between layers: the estimate's choice, as for StreamedLayers (None: where made)
-        self.store: torch.device | None = planned_activation_store()
+        self.store: torch.device | None = chosen_activation_store()
 
     def load_outside(self) -> None:
         pass
@@ -209,17 +209,17 @@ class StreamedLayers:
                 rest.append(k)
             else:
                 by_layer.setdefault(int(m.group(1)), []).append(k)
-        plan = []
+        tensors = []
         for old in keep:
             if self.reader is not self.ckpt:  # MoE: the layer as it is now (experts removed) in its stored layout
                 params = {f"{self.prefix}.{old}.{n}": p for n, p in self.layers[old].named_parameters()}
-                plan += [(self.renamed(k), s, d) for k, s, d in disk_entries(self.reader, params, self._out_dtype)]
+                tensors += [(self.renamed(k), s, d) for k, s, d in disk_entries(self.reader, params, self._out_dtype)]
                 by_layer[old] = self._unread(old)
             shapes = {f"{self.prefix}.{old}.{n}": tuple(p.shape) for n, p in self.layers[old].named_parameters()}
             for k in by_layer.get(old, []):  # a parameter's shape as it is now (MoE: experts removed)
-                plan.append((self.renamed(k), shapes.get(k, self.ckpt.shape[k]), self._out_dtype(k)))
-        plan += [(k, self.ckpt.shape[k], self._out_dtype(k)) for k in rest]
-        return plan
+                tensors.append((self.renamed(k), shapes.get(k, self.ckpt.shape[k]), self._out_dtype(k)))
+        tensors += [(k, self.ckpt.shape[k], self._out_dtype(k)) for k in rest]
+        return tensors
 
     def _out_dtype(self, key: str) -> torch.dtype:
         dt = self.ckpt.dtype[key] if key in self.ckpt.dtype else self.reader.dtype[key]

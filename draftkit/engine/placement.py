@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -61,9 +61,11 @@ class Placement:
 
 
 def calibration_estimator(config, *, size: int, device, load, tokens: int, seqlen: int, chunk_tokens: int,
-                          sparsegpt: bool = False, forward: bool = True) -> Callable[[bool], MemoryEstimate]:
+                          sparsegpt: bool = False, forward: bool = True,
+                          sparsify: str | None = None) -> Callable[[bool], MemoryEstimate]:
     """``est(streamed)``: the memory estimate of a calibration run over ``tokens`` tokens (prune scoring,
-    sparsify) for either decision. A run with no forward (``forward`` False) holds the weights alone."""
+    sparsify with method ``sparsify``) for either decision. A run with no forward (``forward`` False) holds the
+    weights alone."""
 
     def est(streamed: bool) -> MemoryEstimate:
         if not forward:
@@ -71,17 +73,29 @@ def calibration_estimator(config, *, size: int, device, load, tokens: int, seqle
             return MemoryEstimate(PROCESS_BYTES + (size if not streamed else size // n_layers), 0, {"weights": size})
         return estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=tokens,
                                seqlen=seqlen, chunk_tokens=min(chunk_tokens, tokens), sparsegpt=sparsegpt,
-                               dtype_bytes=load_dtype_bytes(load, config), act_bytes=compute_bytes())
+                               dtype_bytes=load_dtype_bytes(load, config), act_bytes=compute_bytes(),
+                               sparsify=sparsify)
 
     return est
 
 
-def checkpoint_facts(model_name: str, load) -> tuple[Any, Any, bool, int]:
-    """``(config, compute device, can stream, checkpoint bytes)`` of a model, before any weights load."""
+class CheckpointFacts(NamedTuple):
+    """What a stage needs to know of its input before any weights load (read once per stage run)."""
+
+    name: str  # the model as named
+    config: Any  # its transformers config
+    device: Any  # the compute device
+    can_stream: bool  # a local safetensors checkpoint, readable layer by layer
+    size: int  # bytes of its weight files (0 for a hub id)
+
+
+def checkpoint_facts(model_name: str, load) -> CheckpointFacts:
+    """The :class:`CheckpointFacts` of a model, before any weights load."""
     ref = resolve_model_ref(model_name)
     config = load_config(model_name, trust_remote_code=load.trust_remote_code)
     can_stream = ref.local and is_streamable(ref.location)
-    return config, resolve_device(load.device), can_stream, checkpoint_bytes(ref.location) if ref.local else 0
+    return CheckpointFacts(model_name, config, resolve_device(load.device), can_stream,
+                           checkpoint_bytes(ref.location) if ref.local else 0)
 
 
 def estimate_facts(estimate: MemoryEstimate) -> dict[str, float]:

@@ -144,7 +144,7 @@ def recovery(value: float, base: float, metric: str) -> float | None:
 def _cache_file(cfg: EvalConfig, dtype: str = "auto") -> Path:
     """The cached results of ``cfg.baseline`` evaluated as ``cfg`` says, loaded in ``dtype``."""
     from draftkit._version import __version__
-    from draftkit.provenance import directory_hash
+    from draftkit.fingerprint import content_hash
     from draftkit.refs import resolve_model_ref
 
     ref = resolve_model_ref(cfg.baseline)
@@ -154,7 +154,7 @@ def _cache_file(cfg: EvalConfig, dtype: str = "auto") -> Path:
         path = getattr(cfg, key)
         settings[f"{key}_hash"] = _file_hash(path) if path else None
     settings["dtype"] = dtype  # a bfloat16 baseline measures differently from a float32 one
-    key = json.dumps([directory_hash(ref.location) if ref.local else ref.location, settings, __version__], sort_keys=True)
+    key = json.dumps([content_hash(ref.location, model=True) if ref.local else ref.location, settings, __version__], sort_keys=True)
     from draftkit.atomic import cache_root
 
     return cache_root() / "eval" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
@@ -194,33 +194,33 @@ def baseline_results(cfg: EvalConfig, load_dtype: str = "auto", device: str = "c
 
 def measure(model_name: str, cfg: EvalConfig, load) -> dict[str, dict[str, Any]]:
     """:func:`run_tasks` on ``model_name`` loaded as ``load`` says; a perplexity-only evaluation is streamed
-    layer by layer by the rule of the other stages (:func:`draftkit.evaluate.streamed.plan_eval`)."""
+    layer by layer by the rule of the other stages (:func:`draftkit.evaluate.streamed.place_eval`)."""
     from draftkit.checkpoint import load_model_and_tokenizer
-    from draftkit.evaluate.streamed import plan_eval, streamed_perplexity
+    from draftkit.evaluate.streamed import place_eval, streamed_perplexity
     from draftkit.memory import announce_before_heavy_work
 
-    streamed, estimate, plan = plan_eval(model_name, cfg, load)
+    streamed, estimate, prepared = place_eval(model_name, cfg, load)
     if streamed:
-        assert estimate is not None and plan is not None
-        return {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
+        assert estimate is not None and prepared is not None
+        return {PPL_TASK: streamed_perplexity(model_name, load, estimate, prepared)}
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=load.dtype, device=load.device,
                                                 trust_remote_code=load.trust_remote_code)
     if estimate is not None:
         announce_before_heavy_work(estimate)
-    if plan is not None:  # perplexity only: the batches plan_eval made (the file is not tokenized twice)
+    if prepared is not None:  # perplexity only: the batches place_eval made (the file is not tokenized twice)
         from draftkit.evaluate.perplexity import resident_perplexity
 
-        return {PPL_TASK: resident_perplexity(model, plan)}
+        return {PPL_TASK: resident_perplexity(model, prepared)}
     return run_tasks(model, tokenizer, cfg)
 
 
-def streamed_eval_stage(model_name: str, load, estimate, plan):
+def streamed_eval_stage(model_name: str, load, estimate, prepared):
     """The eval stage function when the perplexity is streamed from ``model_name``'s shards: it gets no model."""
     from draftkit.engine.placement import estimate_facts
     from draftkit.evaluate.streamed import streamed_perplexity
 
     def run(_model, tokenizer, cfg: EvalConfig):
-        results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, plan)}
+        results = {PPL_TASK: streamed_perplexity(model_name, load, estimate, prepared)}
         from draftkit.compute import load_dtype
 
         dtype = load_dtype(load.dtype if load.dtype != "auto" else None)  # the baseline runs as this model did
@@ -232,26 +232,27 @@ def streamed_eval_stage(model_name: str, load, estimate, plan):
     return run
 
 
-def eval_layers(model_name: str, cfg: EvalConfig, load):
+def eval_layers(facts, cfg: EvalConfig, load):
     """The eval stage's per-layer form (registered in :mod:`draftkit.registry`): a perplexity-only evaluation
     streams by the rule of every layer-wise stage, and a resident one scores the batches made for its estimate."""
     from draftkit.engine.placement import Placement
-    from draftkit.evaluate.streamed import plan_eval
+    from draftkit.evaluate.streamed import place_eval
 
-    streamed, estimate, plan = plan_eval(model_name, cfg, load)
+    model_name = facts.name
+    streamed, estimate, prepared = place_eval(model_name, cfg, load, facts)
     if streamed:
-        assert estimate is not None and plan is not None
-        return Placement(True, estimate, run=streamed_eval_stage(model_name, load, estimate, plan))
-    return Placement(False, estimate, run=planned_eval_stage(plan) if plan is not None else None)
+        assert estimate is not None and prepared is not None
+        return Placement(True, estimate, run=streamed_eval_stage(model_name, load, estimate, prepared))
+    return Placement(False, estimate, run=batched_eval_stage(prepared) if prepared is not None else None)
 
 
-def planned_eval_stage(plan):
+def batched_eval_stage(prepared):
     """The eval stage function for a resident perplexity-only evaluation: it scores the batches
-    :func:`draftkit.evaluate.streamed.plan_eval` already made for the memory estimate."""
+    :func:`draftkit.evaluate.streamed.place_eval` already made for the memory estimate."""
     from draftkit.evaluate.perplexity import resident_perplexity
 
     def run(model, tokenizer, cfg: EvalConfig):
-        results = {PPL_TASK: resident_perplexity(model, plan)}
+        results = {PPL_TASK: resident_perplexity(model, prepared)}
         return model, evaluate(model, tokenizer, cfg, device=str(next(model.parameters()).device), results=results)
 
     return run

@@ -9,7 +9,7 @@ What is scored depends on the rows:
 * **plain text** (a ``.txt`` file, or a ``text`` column): the whole text as one stream, every token scored
   once, with sliding windows of ``seqlen`` tokens advancing by ``stride`` (the transformers recipe).
 
-Which tokens are scored is decided once, by :func:`plan_perplexity`, as ``labels`` (-100 where a position is
+Which tokens are scored is decided once, by :func:`perplexity_batches`, as ``labels`` (-100 where a position is
 context only); both the resident and the streamed path then score the decoder's last hidden states with
 :func:`scored_nll`, whose logits exist only for the scored positions, one chunk at a time.
 
@@ -36,7 +36,7 @@ IGNORE = -100  # draftkit.distill.loss.IGNORE: the label of positions that are n
 
 
 @dataclass
-class PerplexityPlan:
+class PerplexityBatches:
     """The forward batches of a perplexity run and, in their ``labels``, the tokens each one scores.
 
     Each batch holds ``input_ids`` ``[batch, seq]``, ``labels`` (the token ids, -100 where not scored) and,
@@ -63,14 +63,14 @@ def perplexity(model, tokenizer, source: str | Path | list[dict[str, Any]], *, s
 
     Returns ``{"perplexity", "tokens" (scored), "scored": "response" | "all", ...}``.
     """
-    plan = plan_perplexity(model.config, tokenizer, source, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+    prepared = perplexity_batches(model.config, tokenizer, source, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
                            batch_size=batch_size, limit=limit)
-    return resident_perplexity(model, plan)
+    return resident_perplexity(model, prepared)
 
 
-def plan_perplexity(config, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
+def perplexity_batches(config, tokenizer, source: str | Path | list[dict[str, Any]], *, seqlen: int = 1024,
                     stride: int | None = None, max_tokens: int | None = None, batch_size: int = 8,
-                    limit: int | None = None) -> PerplexityPlan:
+                    limit: int | None = None) -> PerplexityBatches:
     """Tokenize ``source`` (its first ``limit`` rows) into the batches of a perplexity run; ``config`` (the
     model's) caps ``seqlen``.
 
@@ -112,7 +112,7 @@ def response_labels(tokenizer, messages: list[dict[str, str]], max_length: int, 
 
 
 def _response_batches(tokenizer, rows, mapping, name: str, *, seqlen: int, max_tokens: int | None,
-                      batch_size: int) -> PerplexityPlan:
+                      batch_size: int) -> PerplexityBatches:
     """Chat rows: one conversation per sequence, right-padded (so positions, and RoPE, are those of an
     unpadded row), the response tokens scored."""
     from draftkit.textcap import TextCap
@@ -139,11 +139,11 @@ def _response_batches(tokenizer, rows, mapping, name: str, *, seqlen: int, max_t
         counted += int((batch["labels"][:, 1:] != IGNORE).sum())
         if max_tokens and counted >= max_tokens:
             break
-    return PerplexityPlan(batches, {"rows": len(encoded), "scored": "response", "seqlen": seqlen})
+    return PerplexityBatches(batches, {"rows": len(encoded), "scored": "response", "seqlen": seqlen})
 
 
 def _text_windows(tokenizer, text: str, name: str, *, seqlen: int, stride: int | None,
-                  max_tokens: int | None) -> PerplexityPlan:
+                  max_tokens: int | None) -> PerplexityBatches:
     """Plain text: windows of ``seqlen`` tokens every ``stride``; each scores only the tokens it adds
     (positions at or after the previous window's end), never position 0 of the stream."""
     bos = tokenizer.bos_token
@@ -169,7 +169,7 @@ def _text_windows(tokenizer, text: str, name: str, *, seqlen: int, stride: int |
         prev_end = end
         if end == len(ids):
             break
-    return PerplexityPlan(batches, {"seqlen": seqlen, "stride": stride, "scored": "all"})
+    return PerplexityBatches(batches, {"seqlen": seqlen, "stride": stride, "scored": "all"})
 
 
 def scored_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, transform=None) -> tuple[float, int]:
@@ -188,8 +188,8 @@ def scored_nll(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, tran
 
 
 @torch.no_grad()
-def resident_perplexity(model, plan: PerplexityPlan) -> dict[str, Any]:
-    """Perplexity of an in-memory ``model`` on batches :func:`plan_perplexity` already made."""
+def resident_perplexity(model, prepared: PerplexityBatches) -> dict[str, Any]:
+    """Perplexity of an in-memory ``model`` on batches :func:`perplexity_batches` already made."""
     from draftkit.distill.loss import _causal_lm, _logit_transform
 
     lm = _causal_lm(model)
@@ -200,7 +200,7 @@ def resident_perplexity(model, plan: PerplexityPlan) -> dict[str, Any]:
     transform = _logit_transform(lm.config)
     heavy_work_starts()
     nll, counted = 0.0, 0
-    for batch in console.track(plan.batches, "perplexity"):
+    for batch in console.track(prepared.batches, "perplexity"):
         kw = {k: batch[k].to(device) for k in ("input_ids", "attention_mask") if k in batch}
         if dec is None or head is None or dec is lm:  # no separable decoder and head: score the model's logits
             hidden, proj, fn = model(**kw, use_cache=False).logits, nn.Identity(), None
@@ -209,4 +209,4 @@ def resident_perplexity(model, plan: PerplexityPlan) -> dict[str, Any]:
         part, n = scored_nll(hidden, batch["labels"], proj, fn)
         nll += part
         counted += n
-    return plan.result(nll, counted)
+    return prepared.result(nll, counted)

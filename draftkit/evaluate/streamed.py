@@ -1,6 +1,6 @@
 """``draftkit eval --ppl`` on checkpoints read one decoder layer at a time.
 
-:func:`plan_eval` decides, before any weights load and by the rule the prune and sparsify stages follow
+:func:`place_eval` decides, before any weights load and by the rule the prune and sparsify stages follow
 (:func:`draftkit.engine.placement.choose_streaming`), whether a perplexity-only evaluation streams, and gives the
 memory estimate printed before the forward. :func:`streamed_perplexity` (the eval stage and its baseline)
 then runs the perplexity of :mod:`draftkit.evaluate.perplexity` (the same batches, the same scored tokens)
@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from draftkit.console import track
 from draftkit.errors import InvalidInputError
-from draftkit.evaluate.perplexity import PerplexityPlan, plan_perplexity, scored_nll
+from draftkit.evaluate.perplexity import PerplexityBatches, perplexity_batches, scored_nll
 from draftkit.memory import (
     MemoryEstimate,
     activation_device,
@@ -29,7 +28,7 @@ from draftkit.memory import (
 )
 
 
-def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, PerplexityPlan | None]:
+def place_eval(model_name: str, cfg, load, facts=None) -> tuple[bool, MemoryEstimate | None, PerplexityBatches | None]:
     """Stream or not, the memory estimate and the perplexity batches of an evaluation.
 
     Raises:
@@ -48,13 +47,13 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
     from draftkit.engine.placement import checkpoint_facts, choose_streaming, compute_bytes, load_dtype_bytes
     from draftkit.modeling import text_config
 
-    config, device, can_stream, size = checkpoint_facts(model_name, load)
+    _, config, device, can_stream, size = facts or checkpoint_facts(model_name, load)
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
-    plan = plan_perplexity(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
+    prepared = perplexity_batches(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
                            batch_size=cfg.batch_size, limit=cfg.limit)
-    widest = max(b["input_ids"].numel() for b in plan.batches)
-    total = sum(b["input_ids"].numel() for b in plan.batches)
-    seqlen = max(b["input_ids"].shape[1] for b in plan.batches)
+    widest = max(b["input_ids"].numel() for b in prepared.batches)
+    total = sum(b["input_ids"].numel() for b in prepared.batches)
+    seqlen = max(b["input_ids"].shape[1] for b in prepared.batches)
     vocab = int(getattr(text_config(config), "vocab_size", 32000))
     logits = 2 * min(DEFAULT_CHUNK, widest) * vocab * 4  # float32 logits and their log-softmax, one chunk
 
@@ -71,34 +70,22 @@ def plan_eval(model_name: str, cfg, load) -> tuple[bool, MemoryEstimate | None, 
         return e
 
     streamed, estimate = choose_streaming(model_name, load.stream, est, can_stream=can_stream, size=size, device=device)
-    return streamed, estimate, plan
+    return streamed, estimate, prepared
 
 
 @torch.no_grad()
-def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
-    """The perplexity of ``plan`` with the decoder layers of ``source`` (:mod:`draftkit.engine.layers`) one at a time.
+def layerwise_perplexity(source, prepared: PerplexityBatches) -> dict[str, Any]:
+    """The perplexity of ``prepared`` with the decoder layers of ``source`` (:mod:`draftkit.engine.layers`) one at a time.
 
     Hidden states wait between layers per batch on ``source.store`` (the compute device when the estimate
     says they fit, else the CPU).
     """
     from draftkit.distill.loss import _logit_transform
-    from draftkit.engine.forward import capture_layer_inputs, run_layer
+    from draftkit.engine.forward import through_layers
 
-    batches = plan.batches
-    source.load_outside()
-    inputs = capture_layer_inputs(source.model, [b["input_ids"] for b in batches], device=source.device,
-                                  masks=[b.get("attention_mask") for b in batches], store=source.store,
-                                  dtype=source.masters.dtype)
-    source.free_outside()
-    hidden = inputs.hidden
-    store = source.store
-    for i in track(range(len(source.layers)), "perplexity (layer by layer)"):
-        layer = source.load(i)
-        for c in range(len(hidden)):
-            out = run_layer(layer, hidden[c], inputs.args[i][c])
-            hidden[c] = out if store is None else out.to(store)
-        inputs.args[i] = []  # free this layer's masks and position embeddings
-        source.done(i)  # frees the layer and hands the freed pages back, so host memory stays flat with depth
+    batches = prepared.batches
+    hidden = through_layers(source, [b["input_ids"] for b in batches], masks=[b.get("attention_mask") for b in batches],
+                            desc="perplexity (layer by layer)")
     norm, head = source.load_head()
     transform = _logit_transform(source.model.config)
     nll, counted = 0.0, 0
@@ -108,10 +95,10 @@ def layerwise_perplexity(source, plan: PerplexityPlan) -> dict[str, Any]:
         nll += part
         counted += n
     source.free_head()
-    return plan.result(nll, counted)
+    return prepared.result(nll, counted)
 
 
-def streamed_perplexity(model_name: str, load, estimate: MemoryEstimate, plan: PerplexityPlan) -> dict[str, Any]:
+def streamed_perplexity(model_name: str, load, estimate: MemoryEstimate, prepared: PerplexityBatches) -> dict[str, Any]:
     """:func:`layerwise_perplexity` on a local safetensors checkpoint, as ``load`` says (device, dtype)."""
     from draftkit.checkpoint import load_config, resolve_device, resolve_model_ref, torch_dtype
     from draftkit.engine.layers import StreamedLayers
@@ -123,7 +110,7 @@ def streamed_perplexity(model_name: str, load, estimate: MemoryEstimate, plan: P
                             trust_remote_code=load.trust_remote_code)
     source.store = activation_device(estimate, device)
     announce_before_heavy_work(estimate)
-    return layerwise_perplexity(source, plan)
+    return layerwise_perplexity(source, prepared)
 
 
-__all__ = ["layerwise_perplexity", "plan_eval", "streamed_perplexity"]
+__all__ = ["layerwise_perplexity", "place_eval", "streamed_perplexity"]

@@ -215,7 +215,7 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
     check_same_architecture(names + ([cfg.base] if cfg.base else []), ckpts + ([base_ckpt] if base_ckpt else []))
     ref = ckpts[0]
     out_dtype = None if load.dtype == "auto" else torch_dtype(load.dtype)
-    plan = [(k, ref.shape[k], out_dtype if out_dtype is not None and ref.dtype[k].is_floating_point else ref.dtype[k])
+    tensors = [(k, ref.shape[k], out_dtype if out_dtype is not None and ref.dtype[k].is_floating_point else ref.dtype[k])
             for k in ref.keys()]
     n_layers = int(getattr(text_config(ref.config), "num_hidden_layers", 0) or 0)
     filters = cfg.t_filter_list()
@@ -224,12 +224,17 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
     size = ref.nbytes()
     console.info(f"merge ({cfg.method}) of {len(models)} models, {size / 1e9:.2f} GB each, tensor by tensor in chunks "
                  f"of at most {CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB per input")
+    from draftkit.memory_stages import announce, merge_estimate
+
+    every = ckpts + ([base_ckpt] if base_ckpt else [])
+    largest_sparse = max((math.prod(c.shape[f"{m}.weight"]) for c in every for m in c.sparse_modules), default=0)
+    estimate = announce(merge_estimate(len(every), CHUNK_ELEMENTS, largest_sparse), "one chunk of each tensor at a time")
     config = load_config(models[0], trust_remote_code=trust)
     if is_sparse_checkpoint(ref.path) and hasattr(config, "quantization_config"):
         del config.quantization_config  # written dense (zeros in place)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, plan, SHARD_BYTES)
-        for key, _, dtype in console.track(plan, "merging tensors"):
+        writer = ShardWriter(tmp, tensors, SHARD_BYTES)
+        for key, _, dtype in console.track(tensors, "merging tensors"):
             kind = dtype.is_floating_point and ref.dtype[key].is_floating_point
             if not kind:  # integer buffers: the first model's
                 writer.write({key: ref.get(key)})
@@ -251,6 +256,7 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
             shutil.copy(Path(ref.path) / "generation_config.json", tmp / "generation_config.json")
         load_tokenizer(models[0], trust_remote_code=trust).save_pretrained(tmp)
         report = _report(cfg, models, facts, weights, t0)
+        report["memory_estimate_gb"] = estimate
         report["threads"] = threads
         args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
         provenance = make_provenance(stage="merge", source=models[0], arguments=args, facts=report)

@@ -15,9 +15,9 @@ from typing import Any
 
 from draftkit.engine import placement
 from draftkit.engine.placement import (
+    CheckpointFacts,
     Placement,
     calibration_estimator,
-    checkpoint_facts,
     choose_streaming,
 )
 from draftkit.engine.placement import recipe_estimate as engine_estimate
@@ -39,9 +39,9 @@ def _estimator(config, cfg: PruneConfig, load, size: int, device):
                                  chunk_tokens=cfg.batch_size * seqlen, forward=forward)
 
 
-def prune_layers(model_name: str, cfg: PruneConfig, load) -> Placement:
+def prune_layers(facts: CheckpointFacts, cfg: PruneConfig, load) -> Placement:
     """Stream or not and the memory estimate, before any weights load; raises when the run cannot fit."""
-    config, device, can_stream, size = checkpoint_facts(model_name, load)
+    model_name, config, device, can_stream, size = facts
     streamed, estimate = choose_streaming(model_name, load.stream, _estimator(config, cfg, load, size, device),
                                           can_stream=can_stream, size=size, device=device,
                                           always=not _needs_forward(cfg))

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from draftkit.console import track
 from draftkit.data import calibration_samples, model_max_length
+from draftkit.engine.forward import through_layers
 from draftkit.engine.layers import ResidentLayers
 from draftkit.errors import InvalidInputError
 from draftkit.modeling import count_parameters, decoder_layers, text_config
@@ -17,7 +17,6 @@ from draftkit.moe.prune import ExpertPruning, experts_to_drop
 from draftkit.prune.config import PruneConfig
 from draftkit.prune.drop import drop_layers
 from draftkit.prune.scores import block_distances, choose_block, lowest_influence, parse_layer_ranges
-from draftkit.sparsify.runner import capture_layer_inputs, run_layer
 
 
 @torch.no_grad()
@@ -45,28 +44,18 @@ def collect_layer_states(model: nn.Module | None, samples: list[torch.Tensor], *
     for s in samples:
         by_len.setdefault(len(s), []).append(s)
     batches = [torch.stack(g[i : i + batch_size]) for g in by_len.values() for i in range(0, len(g), batch_size)]
-    source.load_outside()
-    inputs = capture_layer_inputs(source.model, batches, device=source.device, store=source.store,
-                                  dtype=source.masters.dtype)
-    source.free_outside()
-    hidden = inputs.hidden
     cos_sum = torch.zeros(n, dtype=torch.float64)
     tok_count = sum(b.numel() for b in batches)
-    last = [[_last_token(h)] for h in hidden]  # per batch: the state entering each layer
-    for i in track(range(n), "scoring blocks"):
-        layer = source.load(i)
-        if before_layer is not None:
-            before_layer(i, layer, lambda: [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))],  # noqa: B023
-                         source.masters)
-        for c in range(len(hidden)):
-            x_out = run_layer(layer, hidden[c], inputs.args[i][c])
-            x_in = hidden[c].to(x_out.device)  # activations may wait on the CPU while layers run on the GPU
-            cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-            cos_sum[i] += cos.double().sum().cpu()
-            last[c].append(_last_token(x_out))
-            hidden[c] = x_out if source.store is None else x_out.to(source.store)
-        inputs.args[i] = []
-        source.done(i)
+    last: list[list[torch.Tensor]] = [[] for _ in batches]  # per batch: the state entering each layer, then leaving
+
+    def score(i: int, c: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        x_in = x_in.to(x_out.device)  # activations may wait on the CPU while layers run on the GPU
+        cos_sum[i] += nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1).double().sum().cpu()
+        if i == 0:
+            last[c].append(_last_token(x_in))
+        last[c].append(_last_token(x_out))
+
+    through_layers(source, batches, before=before_layer, after=score, desc="scoring blocks")
     states = torch.cat([torch.stack(per, dim=1) for per in last])
     bi = 1.0 - cos_sum / tok_count
     return states, bi.float()

@@ -39,11 +39,11 @@ def _stage(config, **absolute_fields: bool) -> dict[str, Any]:
     return data
 
 
-def stage_of(config) -> str:
-    """The name of the stage that takes ``config`` (:mod:`draftkit.registry`)."""
+def _entry(config) -> dict[str, Any]:
+    """A recipe entry ``{stage: settings}`` for a stage's config, under the name its stage is registered by."""
     from draftkit.registry import stages
 
-    return next(name for name, entry in stages().items() if entry.config is type(config))
+    return {next(n for n, s in stages().items() if s.config is type(config)): _stage(config)}
 
 
 def best_recipe(report: dict[str, Any], cfg: SearchConfig, out: Path) -> dict[str, Any] | None:
@@ -55,16 +55,16 @@ def best_recipe(report: dict[str, Any], cfg: SearchConfig, out: Path) -> dict[st
     if best is None:
         return None
     target = _absolute(report["target"])
-    configs: list[Any] = []
+    stages: list[dict[str, Any]] = []
     if best["drop"]:
-        configs.append(prune_config(cfg, best["drop"]))
+        stages.append(_entry(prune_config(cfg, best["drop"])))
     if best["sparsity"] != "0":
-        configs.append(sparsify_config(cfg, best["sparsity"]))
-    if best["healing"] != "none":  # distill regenerates the rows itself (the search regenerated them once for all)
-        configs.append(heal_config(cfg, best["healing"], best["seed"], target=target, rows=None))
-    configs.append(SpecConfig(target=target, prompts=cfg.prompts, limit=cfg.prompt_limit, k=cfg.k,
-                              max_new_tokens=cfg.max_new_tokens, chat=cfg.chat, check_lossless=False))
-    stages = [{stage_of(c): _stage(c)} for c in configs]
+        stages.append(_entry(sparsify_config(cfg, best["sparsity"])))
+    if best["healing"] != "none":
+        stages.append(_entry(heal_config(cfg, best["healing"], best["seed"], target=target, rows=None)))
+    spec = SpecConfig(target=target, prompts=cfg.prompts, limit=cfg.prompt_limit, k=cfg.k,
+                      max_new_tokens=cfg.max_new_tokens, chat=cfg.chat, check_lossless=False)
+    stages.append(_entry(spec))
     load = report.get("load") or {}
     return {
         "name": f"search-best-{best['name']}",

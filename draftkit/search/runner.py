@@ -163,12 +163,13 @@ class Search:
         else:
             model, tok = load_model_and_tokenizer(self.source_path(step.input), dtype="auto", device=str(self.device),
                                                   trust_remote_code=self.trust and step.input.startswith("base:"))
-        from draftkit.registry import stages
-
         cfg = step.config
-        if "work_dir" in type(cfg).model_fields:  # a training's resumable files, inside the search's work folder
+        from draftkit.registry import stage as registered
+
+        run = registered(step.stage).run  # the stage's function, as it is registered (draftkit/registry.py)
+        if "work_dir" in type(cfg).model_fields:  # a resumable stage (distill) works in the search's folder
             cfg = cfg.model_copy(update={"work_dir": str(self.work / "train" / step.id)})
-        model, report = stages()[step.stage].run(model, tok, cfg)  # the stage's own function (draftkit.registry)
+        model, report = run(model, tok, cfg)
         provenance = make_provenance(stage=step.stage, source=self.source_path(step.input), facts=report,
                                      arguments={"config": step.config.model_dump(mode="json"), "search_step": step.id})
         save_model(model, tok, out, provenance=provenance, overwrite=True)

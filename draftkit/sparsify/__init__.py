@@ -2,7 +2,7 @@
 
 from draftkit.sparsify.baselines import magnitude_mask, nm_mask, unstructured_mask, wanda_mask
 from draftkit.sparsify.config import SparsifyConfig
-from draftkit.sparsify.runner import capture_layer_inputs, sparsify_model
+from draftkit.sparsify.runner import sparsify_model
 from draftkit.sparsify.sparsegpt import (
     accumulate_hessian,
     inverse_hessian_cholesky,
@@ -16,7 +16,6 @@ from draftkit.sparsify.sparsegpt import (
 __all__ = [
     "SparsifyConfig",
     "accumulate_hessian",
-    "capture_layer_inputs",
     "inverse_hessian_cholesky",
     "magnitude_mask",
     "make_empty_hessian",

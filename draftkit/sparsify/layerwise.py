@@ -12,9 +12,9 @@ from typing import Any
 
 from draftkit.engine import placement
 from draftkit.engine.placement import (
+    CheckpointFacts,
     Placement,
     calibration_estimator,
-    checkpoint_facts,
     choose_streaming,
 )
 from draftkit.engine.placement import recipe_estimate as engine_estimate
@@ -31,12 +31,12 @@ def _estimator(config, cfg: SparsifyConfig, load, size: int, device):
     return calibration_estimator(config, size=size, device=device, load=load,
                                  tokens=calib.samples * seqlen if forward else 0, seqlen=seqlen,
                                  chunk_tokens=cfg.chunk_tokens or _auto_chunk_tokens(config, seqlen, device),
-                                 sparsegpt=cfg.method == "sparsegpt", forward=forward)
+                                 sparsegpt=cfg.method == "sparsegpt", forward=forward, sparsify=cfg.method)
 
 
-def sparsify_layers(model_name: str, cfg: SparsifyConfig, load) -> Placement:
+def sparsify_layers(facts: CheckpointFacts, cfg: SparsifyConfig, load) -> Placement:
     """Stream or not and the memory estimate, before any weights load; raises when the run cannot fit."""
-    config, device, can_stream, size = checkpoint_facts(model_name, load)
+    model_name, config, device, can_stream, size = facts
     streamed, estimate = choose_streaming(model_name, load.stream, _estimator(config, cfg, load, size, device),
                                           can_stream=can_stream, size=size, device=device)
     write = partial(placement.write_streamed, "sparsify", model_name, cfg, load=load, estimate=estimate,

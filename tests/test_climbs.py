@@ -1,0 +1,49 @@
+"""Following a model name from a command to its saved output: how often the reader climbs back up a module
+(the definition is in tests/_helpers_climbs.py). The issue asks for at most 8 climbs; 0843483 had 16 (prune)
+and 18 (sparsify) by this definition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import draftkit
+from tests._helpers_climbs import measure, walk
+
+# what this tree measures (prune, sparsify): a change that adds climbs fails here; lower it as the path improves
+NOW = {"prune": 14, "sparsify": 15}
+TARGET = 8  # issue 18's acceptance
+
+
+def _climbs(command: str, model: Path, calib: Path, out: Path) -> dict:
+    from draftkit.cli import app
+
+    extra = ["--layers", "1"] if command == "prune" else ["--sparsity", "0.5"]
+    args = [command, str(model), *extra, "-o", str(out), "--calib", str(calib), "--samples", "4", "--seqlen", "32"]
+    result: dict = {}
+    entries = walk(lambda: result.setdefault("r", CliRunner().invoke(app, args)), package=Path(draftkit.__file__).parent,
+                   marks=(str(model), str(out)))
+    assert result["r"].exit_code == 0, result["r"].output
+    return measure(entries)
+
+
+@pytest.mark.parametrize("command", ["prune", "sparsify"])
+def test_a_command_follows_its_model_down_without_more_climbs(command, tiny_llama, calib_file, tmp_path):
+    m = _climbs(command, tiny_llama, calib_file, tmp_path / "out")
+    assert m["modules"] >= 10 and (tmp_path / "out" / "model.safetensors").is_file()  # the walk saw the command
+    assert m["climbs"] <= NOW[command], m["path"]
+    assert m["entered"]["draftkit.stages"] <= 3, m["entered"]  # 4 at 0843483
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18 asks for at most 8 climbs; this tree has 14-15 (see NOW): the runner "
+                                       "still checks, places, loads, runs and saves in separate trips down")
+def test_at_most_eight_climbs(tiny_llama, calib_file, tmp_path):
+    assert _climbs("prune", tiny_llama, calib_file, tmp_path / "out")["climbs"] <= TARGET
+
+
+def test_the_walk_counts_a_climb():
+    """The measure on a known walk: a -> b -> c -> b (climb) -> d -> a (climb)."""
+    m = measure([("a", "f"), ("b", "g"), ("c", "h"), ("b", "i"), ("d", "j"), ("a", "k")])
+    assert (m["stays"], m["modules"], m["climbs"]) == (6, 4, 2) and m["entered"]["a"] == 2
