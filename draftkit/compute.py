@@ -205,19 +205,26 @@ def cast_for_compute(model: nn.Module | None, dtype: torch.dtype | None = None) 
             masters.restore(model)
 
 
-def to_compute(value: Any, dtype: torch.dtype | None) -> Any:
-    """``value`` with every floating tensor in it (nested in tuples, lists, dicts) cast to ``dtype``."""
+def to_compute(value: Any, dtype: torch.dtype | None, memo: dict[int, tuple[Any, Any]] | None = None) -> Any:
+    """``value`` with every floating tensor in it (nested in tuples, lists, dicts) cast to ``dtype``. With ``memo``
+    (kept by the caller), a tensor met again is cast once: the position embeddings every decoder layer receives
+    stay one tensor, not one copy per layer."""
     if dtype is None:
         return value
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point() or value.dtype == dtype:
             return value
+        if memo is not None and id(value) in memo:
+            return memo[id(value)][1]
         info = torch.finfo(dtype)  # float32's min (an additive mask) would round to -inf in bf16: NaN rows
-        return value.clamp(info.min, info.max).to(dtype)
+        cast = value.clamp(info.min, info.max).to(dtype)
+        if memo is not None:
+            memo[id(value)] = (value, cast)  # the original is kept so that its id is not reused meanwhile
+        return cast
     if isinstance(value, tuple):
-        return tuple(to_compute(v, dtype) for v in value)
+        return tuple(to_compute(v, dtype, memo) for v in value)
     if isinstance(value, list):
-        return [to_compute(v, dtype) for v in value]
+        return [to_compute(v, dtype, memo) for v in value]
     if isinstance(value, dict):
-        return {k: to_compute(v, dtype) for k, v in value.items()}
+        return {k: to_compute(v, dtype, memo) for k, v in value.items()}
     return value

@@ -46,13 +46,13 @@ def test_auto_chunk_budget_is_the_gpus_free_memory(tiny_llama, monkeypatch):
 
     def mem_get_info(device=None):
         asked.append(device)
-        return 2**30, 80 * 2**30  # 1 GiB free of 80
+        return 2**24, 80 * 2**30  # 16 MiB free of 80 GiB: fewer tokens than the default chunk
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     gpu = _auto_chunk_tokens(config, 64, torch.device("cuda", 0))
     cpu = _auto_chunk_tokens(config, 64, torch.device("cpu"))
     per_token = 4 * (10 * 64 + 3 * 128 + 2 * 4 * 64)
-    assert asked == [torch.device("cuda", 0)] and gpu == int(2**30 * 0.25 / per_token)
+    assert asked == [torch.device("cuda", 0)] and gpu == int(2**24 * 0.25 / per_token)
     assert cpu != gpu  # the host's RAM is another budget
 
 

@@ -59,7 +59,7 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
             if idx == 0:
                 x = to_compute(h.detach(), dtype)
                 hidden.append(x if store is None else x.to(store))
-            args[idx].append(to_compute((rest, dict(kw)), dtype))
+            args[idx].append(to_compute((rest, dict(kw)), dtype, memo))
             if idx == len(layers) - 1:
                 raise Stop
             return h
@@ -73,6 +73,7 @@ def capture_layer_inputs(model: nn.Module, chunks: list[torch.Tensor], *, device
     heavy_work_starts()
     try:
         for c, ids in enumerate(chunks):
+            memo: dict = {}  # one cast per tensor the layers share (position embeddings, masks)
             mask = masks[c] if masks is not None else None
             try:
                 base(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device), use_cache=False)

@@ -61,9 +61,11 @@ class Placement:
 
 
 def calibration_estimator(config, *, size: int, device, load, tokens: int, seqlen: int, chunk_tokens: int,
-                          sparsegpt: bool = False, forward: bool = True) -> Callable[[bool], MemoryEstimate]:
+                          sparsegpt: bool = False, forward: bool = True,
+                          sparsify: str | None = None) -> Callable[[bool], MemoryEstimate]:
     """``est(streamed)``: the memory estimate of a calibration run over ``tokens`` tokens (prune scoring,
-    sparsify) for either decision. A run with no forward (``forward`` False) holds the weights alone."""
+    sparsify with method ``sparsify``) for either decision. A run with no forward (``forward`` False) holds the
+    weights alone."""
 
     def est(streamed: bool) -> MemoryEstimate:
         if not forward:
@@ -71,7 +73,8 @@ def calibration_estimator(config, *, size: int, device, load, tokens: int, seqle
             return MemoryEstimate(PROCESS_BYTES + (size if not streamed else size // n_layers), 0, {"weights": size})
         return estimate_memory(config, ckpt_bytes=size, streamed=streamed, device=device, tokens=tokens,
                                seqlen=seqlen, chunk_tokens=min(chunk_tokens, tokens), sparsegpt=sparsegpt,
-                               dtype_bytes=load_dtype_bytes(load, config), act_bytes=compute_bytes())
+                               dtype_bytes=load_dtype_bytes(load, config), act_bytes=compute_bytes(),
+                               sparsify=sparsify)
 
     return est
 

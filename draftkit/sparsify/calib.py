@@ -14,10 +14,16 @@ from draftkit.errors import DataError, InvalidInputError
 from draftkit.modeling import text_config
 from draftkit.sparsify.config import SparsifyConfig
 
+# Tokens per chunk by default: enough rows for full-speed matrix products, few enough that one chunk's transient
+# activations are small beside the calibration states every chunk keeps (README, "Sparsify: draftkit against
+# llm-compressor"). Each chunk's forward runs once whatever the count (draftkit.sparsify.interleaved).
+DEFAULT_CHUNK_TOKENS = 4096
+
 
 def _auto_chunk_tokens(model: nn.Module, seqlen: int, device: torch.device | None = None) -> int:
-    """Tokens per forward so that one layer's activations stay within a quarter of the memory they run in: the
-    free memory of the GPU (``torch.cuda.mem_get_info``) when ``device`` is CUDA, else the machine's RAM."""
+    """Tokens per forward: :data:`DEFAULT_CHUNK_TOKENS` (at least one sequence), fewer when one layer's activations
+    for them would not stay within a quarter of the memory they run in: the free memory of the GPU
+    (``torch.cuda.mem_get_info``) when ``device`` is CUDA, else the machine's RAM."""
     cfg = text_config(model)
     hidden = getattr(cfg, "hidden_size", 4096)
     inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
@@ -31,7 +37,7 @@ def _auto_chunk_tokens(model: nn.Module, seqlen: int, device: torch.device | Non
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             total = 16 * 2**30
-    return max(seqlen, int(total * 0.25 / per_token))
+    return max(seqlen, min(DEFAULT_CHUNK_TOKENS, int(total * 0.25 / per_token)))
 
 
 def _chunks(samples: list[torch.Tensor], chunk_tokens: int) -> list[torch.Tensor]:

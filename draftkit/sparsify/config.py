@@ -37,8 +37,8 @@ class SparsifyConfig(BaseModel):
     chunk_tokens: int | None = Field(
         None,
         ge=1,
-        description="calibration tokens per layer forward; default: all of them when they fit in memory. "
-        "With one chunk each layer runs once; with several, each group of linears re-runs its prefix",
+        description="calibration tokens per layer forward (whole sequences); default 4096, fewer when they would "
+        "not fit in memory. Each chunk's forward runs once, paused at each group of linears until it is pruned",
     )
 
     @field_validator("pattern")

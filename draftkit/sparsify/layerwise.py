@@ -31,7 +31,7 @@ def _estimator(config, cfg: SparsifyConfig, load, size: int, device):
     return calibration_estimator(config, size=size, device=device, load=load,
                                  tokens=calib.samples * seqlen if forward else 0, seqlen=seqlen,
                                  chunk_tokens=cfg.chunk_tokens or _auto_chunk_tokens(config, seqlen, device),
-                                 sparsegpt=cfg.method == "sparsegpt", forward=forward)
+                                 sparsegpt=cfg.method == "sparsegpt", forward=forward, sparsify=cfg.method)
 
 
 def sparsify_layers(facts: CheckpointFacts, cfg: SparsifyConfig, load) -> Placement:

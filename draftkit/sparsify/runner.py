@@ -11,10 +11,10 @@
    factors H⁻¹ once, prunes the linear, and lets the forward continue with the pruned weight. Linears
    called with the very same input tensor (q/k/v; gate/up) reuse that Hessian and factor. The layer's
    output is the next layer's input: each layer runs once.
-3. When all tokens of one layer do not fit in memory at once (``chunk_tokens``), the linears are
-   processed group by group: for each group, a forward over every chunk accumulates its Hessian and
-   stops right after the group's input is known; then the group is pruned; a last forward produces the
-   layer's outputs.
+3. With several chunks of tokens (``chunk_tokens``, by default a few thousand tokens each), every chunk's
+   forward runs once too, suspended at each group of linears until the group is pruned from the inputs of
+   all chunks (:mod:`draftkit.sparsify.interleaved`): a layer's transient activations exist for one chunk
+   at a time, and nothing is recomputed.
 
 Only one layer's activations and one Hessian are alive at a time. The forwards run in the compute dtype
 (:mod:`draftkit.compute`; the layer source casts each layer and keeps its master weights); the maths is
@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from draftkit import console
-from draftkit.engine.forward import Stop as _Stop
 from draftkit.engine.forward import capture_layer_inputs, run_layer
 from draftkit.engine.layers import ResidentLayers
 from draftkit.errors import InvalidInputError
@@ -41,6 +40,7 @@ from draftkit.modeling import count_parameters
 from draftkit.moe import expert_linears, moe_sparsity_report
 from draftkit.sparsify.calib import calibration_chunks, check_sparsify
 from draftkit.sparsify.config import SparsifyConfig
+from draftkit.sparsify.interleaved import prune_layer_interleaved
 from draftkit.sparsify.masks import target_linears
 from draftkit.sparsify.pruner import LayerPruner, _Group
 from draftkit.sparsify.sparsegpt import accumulate_hessian, make_empty_hessian
@@ -91,70 +91,6 @@ def prune_layer_single_pass(layer, targets: dict[str, nn.Linear], pruner: LayerP
     for members in state["groups"]:
         pruner.learn_group(members)
     return [out]
-
-
-@torch.no_grad()
-def _collect_next_group(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, hidden, args):
-    """One forward over every chunk, stopped once the next unpruned group's input has been seen;
-    returns that group (its members and the Hessian of their shared input) and its modules."""
-    group = _Group()
-    modules: list[nn.Linear] = []
-    # found: the chunk where the group was first seen; seen: its input already accumulated in this chunk.
-    # An expert is called only in the chunks that route tokens to it, so a group may first appear in a
-    # later chunk, and in a later chunk unpruned experts may run before the group's (they are let through).
-    state: dict[str, Any] = {"chunk": 0, "found": None, "seen": False}
-
-    def hook(module, inputs):
-        name = pruner.names[module]
-        if name in pruner.pruned:
-            return None
-        x = inputs[0]
-        if state["found"] in (None, state["chunk"]):
-            if not group.members:
-                group.x = x
-                group.H = make_empty_hessian(x.shape[-1], device=module.weight.device)
-                state["found"] = state["chunk"]
-            elif group.x is not x:
-                raise _Stop
-            if name not in group.members:
-                group.members.append(name)
-                modules.append(module)
-            if name != group.members[0]:
-                return None
-        elif name not in group.members:
-            if state["seen"]:
-                raise _Stop
-            return None
-        elif name != group.members[0]:
-            return None
-        state["seen"] = True
-        group.H, group.tokens = accumulate_hessian(group.H, x, group.tokens)
-        return None
-
-    handles = [lin.register_forward_pre_hook(hook) for lin in targets.values()]
-    try:
-        for c in range(len(hidden)):
-            state["chunk"], state["seen"] = c, False
-            try:
-                run_layer(layer, hidden[c], args[c])
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    group.x = None
-    return group, modules
-
-
-@torch.no_grad()
-def prune_layer_chunked(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, hidden, args):
-    """Several chunks: per group of linears, one (early-stopped) forward over all chunks, then prune."""
-    while True:
-        group, modules = _collect_next_group(layer, targets, pruner, hidden, args)
-        if not group.members:
-            break
-        pruner.prune_group(modules, group)
-    return [run_layer(layer, hidden[c], args[c]) for c in range(len(hidden))]
 
 
 def sparsify_model(model: nn.Module, tokenizer, cfg: SparsifyConfig) -> tuple[nn.Module, dict[str, Any]]:
@@ -229,7 +165,7 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
             inputs = capture_layer_inputs(model, chunks, device=source.device, store=source.store,
                                           dtype=source.masters.dtype)
             source.free_outside()
-            report["passes_per_layer"] = "1" if len(inputs.hidden) == 1 else "groups + 1 (chunked)"
+            report["passes_per_layer"] = 1
         heavy_work_starts()
         for i in range(len(layers)):
             layer = source.load(i)
@@ -240,8 +176,10 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
             else:
                 hidden = inputs.hidden
                 if per_layer[i]:
-                    fn = prune_layer_single_pass if len(hidden) == 1 else prune_layer_chunked
-                    hidden = fn(layer, per_layer[i], pruner, hidden, inputs.args[i])
+                    if len(hidden) == 1:
+                        hidden = prune_layer_single_pass(layer, per_layer[i], pruner, hidden, inputs.args[i])
+                    else:
+                        hidden = prune_layer_interleaved(layer, per_layer[i], pruner, hidden, inputs.args[i], run_layer)
                 else:
                     hidden = [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))]
                 inputs.hidden = hidden if source.store is None else [h.to(source.store) for h in hidden]
