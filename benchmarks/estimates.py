@@ -1,22 +1,31 @@
-"""Printed memory estimate against measured peak RSS, per stage; and ``draftkit run`` against the same stages run
-as commands.
+"""Printed memory estimate against measured peak RSS, per stage and shape; ``draftkit run`` against the same
+stages run as commands; the 8B-shaped prune as a one-stage recipe.
 
-    flock /tmp/dk-bench.lock .venv/bin/python benchmarks/estimates.py                 # both parts
-    flock /tmp/dk-bench.lock .venv/bin/python benchmarks/estimates.py --only stages   # estimate vs peak only
+    flock /tmp/dk-bench.lock .venv/bin/python benchmarks/estimates.py --only stages       # one part at a time
+    flock /tmp/dk-bench.lock .venv/bin/python benchmarks/estimates.py --only stages-1b --cases sparsify
+    .venv/bin/python benchmarks/estimates.py --table                                       # README tables
 
 Parts (every command is its own ``draftkit`` process; peak RSS is its VmHWM, see ``benchmarks/scale.py``):
 
-1. ``stages``: a random float32 checkpoint with SmolLM2-135M's shape (30 layers, hidden 576, MLP 1536, 9/3 heads,
-   vocabulary 49152, tied), resident. Each stage at its default settings (only the data named), except where a
-   default would take over half an hour on this 2-core machine: sparsify's default calibration (128 x 2048
-   tokens) is cut to its ``--samples`` given in the row. The estimate is the ``host`` figure the command
-   prints (``memory_estimate_gb`` in its JSON report). Target: within 25% of the peak.
-2. ``recipe``: random bf16 checkpoints with Llama-3.2-1B's width and 4 and 8 layers (streamed by the ``auto``
-   rule): ``prune --layers 2`` then Wanda 50% (8 x 128 tokens), as two commands and as one ``draftkit run``.
-   Targets: the recipe's peak grows by at most 40 MB per added layer and is within 10% of the larger command's.
+1. ``stages`` / ``stages-1b``: every stage at its default settings (only the data named), on a random float32
+   checkpoint with SmolLM2-135M's shape and on a random bf16 one with Llama-3.2-1B's width and 4 layers (distill:
+   2 layers; merge: two checkpoints of the shape, written with different seeds). Cut where a default would take
+   over half an hour on this 2-core machine: sparsify's default calibration (128 x 2048 tokens) to the
+   ``--samples`` in the row, spec to 2 prompts and 1 timed pass. export reads a 50%-sparse copy (magnitude), spec
+   drafts with a copy pruned by ``--drop`` (both made unmeasured). The estimate is the ``host`` figure the command prints (``memory_estimate_gb`` in its JSON report).
+   Target: within 25% of the peak.
+2. ``prune-growth``: ``prune --layers 2`` at its default calibration (64 x 1024 tokens) on 1B-wide checkpoints of
+   ``--depths`` layers. Target: peak RSS grows by at most 40 MB per added layer.
+3. ``recipe``: 1B-wide checkpoints of ``--depths`` layers: ``prune --layers 2`` then Wanda 50% (8 x 128 tokens), as
+   two commands with ``--stream MODE`` and as one ``draftkit run`` with ``load.stream: MODE``, for each of
+   ``--modes``. Targets: the recipe's peak grows by at most 40 MB per added layer and is within 10% of the larger
+   command's.
+4. ``8b``: the 16 GB Llama-3.1-8B-shaped checkpoint (``benchmarks/scale.py``), ``prune --layers 6`` (8 x 128
+   tokens) as a one-stage recipe. Target: peak RSS within 3 GB.
 
-Run it under the bench lock (the command above); it records the load average at each command. Writes
-``benchmarks/results/estimates.json``; ``--table`` prints the README's tables from it.
+Run each part under the bench lock (the commands above); it records the load average at each command and part.
+Rows already in ``benchmarks/results/estimates.json`` stay unless measured again; ``--table`` prints the README's
+tables from it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.scale import (  # noqa: E402
     LLAMA_1B,
+    LLAMA_8B,
     SMOL_135M,
     make_tokenizer_and_data,
     per_layer_growth,
@@ -60,118 +70,244 @@ def measure(cmd: list[str]) -> dict:
     return r
 
 
-def stage_rows(work: Path, tok: Path, data: Path, only: list[str], previous: dict) -> dict:
-    smol = work / "smol135m"
-    write_random_checkpoint(smol, SMOL_135M, None, tok, dtype=torch.float32)
+SHAPES = {
+    "smollm2-135m": "SmolLM2-135M shape (30 layers, hidden 576, MLP 1536, 9/3 heads, vocab 49152, tied), random float32",
+    "llama-1b-width": "Llama-3.2-1B width (hidden 2048, MLP 8192, 32/8 heads, vocab 128256, tied), random bf16, "
+                      "4 layers (distill: 2 layers, its fp32 AdamW state of a 4-layer model is over 8 GB)",
+}
+
+
+def stage_cases(shape: str, ckpt: Path, second: Path, work: Path, data: Path, text: Path, rows: Path) -> dict:
+    """Each stage at its defaults, only the data named; spec with 2 prompts and 1 timed pass (its memory does not
+    depend on either). export reads a 50%-sparse copy (magnitude), spec drafts with a copy pruned by ``--drop``:
+    both made unmeasured by :func:`inputs`."""
+    calib = ["--calib", str(data)]
+    layers = "6" if shape == "smollm2-135m" else "2"
+    samples = "16" if shape == "smollm2-135m" else "4"  # 1B width: 4 x 2048 keeps SparseGPT to minutes here
+    return {
+        f"prune --layers {layers} (default calibration 64 x 1024)": ["prune", str(ckpt), "--layers", layers, *calib],
+        f"sparsify wanda 50% ({samples} x 2048)": ["sparsify", str(ckpt), "--method", "wanda", "--sparsity", "0.5",
+                                                   *calib, "--samples", samples],
+        f"sparsify sparsegpt 50% ({samples} x 2048)": ["sparsify", str(ckpt), "--sparsity", "0.5", *calib,
+                                                       "--samples", samples],
+        "eval --ppl (defaults)": ["eval", str(ckpt), "--ppl", str(text)],
+        "distill train (defaults, 32 rows)": ["distill", "train", str(second if shape != "smollm2-135m" else ckpt),
+                                              "--dataset", str(rows)],
+        "export (defaults: a 50%-sparse model, written sparse)": ["export", str(work / "sparse")],
+        "spec (defaults, a pruned draft; 2 prompts, 1 pass)": ["spec", str(work / "pruned"), "--target", str(ckpt),
+                                                               "--prompts", str(data), "--limit", "2", "--repeats", "1"],
+        "merge slerp (defaults, two checkpoints)": ["merge", str(ckpt), str(work / "merge-b")],
+    }
+
+
+def inputs(shape: str, ckpt: Path, work: Path, tok: Path, names: list[str]) -> None:
+    """The inputs of the export, spec and merge rows, made without measuring."""
+    if any(n.startswith("export") for n in names):
+        run_command(["sparsify", str(ckpt), "--method", "magnitude", "--sparsity", "0.5", "-o", str(work / "sparse")],
+                    lock=False)
+    if any(n.startswith("spec") for n in names):
+        drop = "10-15" if shape == "smollm2-135m" else "1-2"
+        run_command(["prune", str(ckpt), "--drop", drop, "-o", str(work / "pruned")], lock=False)
+    if any(n.startswith("merge") for n in names):
+        if shape == "smollm2-135m":
+            write_random_checkpoint(work / "merge-b", SMOL_135M, None, tok, dtype=torch.float32, seed=1)
+        else:
+            write_random_checkpoint(work / "merge-b", LLAMA_1B, 4, tok, seed=1)
+
+
+def stage_rows(shape: str, work: Path, tok: Path, data: Path, only: list[str], previous: dict) -> dict:
+    if shape == "smollm2-135m":
+        ckpt, second = work / "smol135m", work / "smol135m"
+        write_random_checkpoint(ckpt, SMOL_135M, None, tok, dtype=torch.float32)
+    else:
+        ckpt, second = work / "llama1b-4", work / "llama1b-2"
+        write_random_checkpoint(ckpt, LLAMA_1B, 4, tok)
+        write_random_checkpoint(second, LLAMA_1B, 2, tok, seed=1)
     text = work / "ppl.txt"
     rows = [json.loads(line) for line in data.read_text().splitlines()[:400]]
     text.write_text("\n\n".join(r["question"] + " " + r["answer"] for r in rows))
     distill_rows = work / "distill.jsonl"
     distill_rows.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}) + "\n"
                                     for r in rows[:32]))
-    calib = ["--calib", str(data)]
-    cases = {
-        "prune --layers 6 (default calibration 64 x 1024)": ["prune", str(smol), "--layers", "6", *calib],
-        "sparsify wanda 50% (16 x 2048)": ["sparsify", str(smol), "--method", "wanda", "--sparsity", "0.5", *calib,
-                                           "--samples", "16"],
-        "distill train (defaults, 32 rows)": ["distill", "train", str(smol), "--dataset", str(distill_rows)],
-        "eval --ppl (defaults)": ["eval", str(smol), "--ppl", str(text)],
-        "sparsify sparsegpt 50% (16 x 2048)": ["sparsify", str(smol), "--sparsity", "0.5", *calib, "--samples", "16"],
-
-    }
-    out = dict(previous)
-    for name, cmd in cases.items():
-        if only and not any(name.startswith(o) for o in only):
-            continue
+    cases = stage_cases(shape, ckpt, second, work, data, text, distill_rows)
+    chosen = [n for n in cases if not only or any(n.startswith(o) for o in only)]
+    inputs(shape, ckpt, work, tok, chosen)
+    out = {k: v for k, v in previous.items() if k in cases}  # rows of cases no longer run are dropped
+    for name in chosen:
         o = work / "o"
-        out[name] = measure([*cmd, "-o", str(o), "--overwrite"])
+        out[name] = measure([*cases[name], "-o", str(o), "--overwrite"])
         shutil.rmtree(o, ignore_errors=True)
-        print(name, json.dumps(out[name]), flush=True)
-    shutil.rmtree(smol, ignore_errors=True)
+        print(shape, name, json.dumps(out[name]), flush=True)
+    for p in (ckpt, second, work / "merge-b", work / "pruned", work / "sparse"):
+        shutil.rmtree(p, ignore_errors=True)
     return out
 
 
-def recipe_rows(work: Path, tok: Path, data: Path, depths: list[int]) -> dict:
-    calib = {"path": str(data), "samples": 8, "seqlen": 128}
+def prune_growth_rows(work: Path, tok: Path, data: Path, depths: list[int]) -> dict:
+    """``prune --layers 2`` at its default calibration (64 x 1024 tokens) on 1B-wide checkpoints of each depth."""
     rows = []
     for layers in depths:
         ckpt = work / f"llama1b-{layers}"
         size = write_random_checkpoint(ckpt, LLAMA_1B, layers, tok)
-        row: dict = {"layers": layers, "checkpoint_gb": round(size / 1e9, 3)}
-        flags = ["--calib", str(data), "--samples", "8", "--seqlen", "128"]
-        row["prune"] = measure(["prune", str(ckpt), "--layers", "2", *flags, "-o", str(work / "p")])
-        row["wanda"] = measure(["sparsify", str(work / "p"), "--method", "wanda", "--sparsity", "0.5", *flags,
-                                "-o", str(work / "w")])
-        shutil.rmtree(work / "p")
-        shutil.rmtree(work / "w")
-        rec = work / "r.yaml"
-        rec.write_text(yaml.safe_dump({"name": "prune-wanda", "model": str(ckpt), "output": str(work / "run"),
-                                       "stages": [{"prune": {"layers": 2, "calib": calib}},
-                                                  {"sparsify": {"method": "wanda", "sparsity": 0.5, "calib": calib}}]}))
-        r = run_command(["run", str(rec)], lock=False)
-        row["recipe"] = r
-        commands = max(row["prune"]["peak_rss_mb"], row["wanda"]["peak_rss_mb"])
-        row["recipe_over_commands"] = round(r["peak_rss_mb"] / commands, 3)
-        shutil.rmtree(work / "run")
+        r = measure(["prune", str(ckpt), "--layers", "2", "--calib", str(data), "-o", str(work / "p")])
+        rows.append({"layers": layers, "checkpoint_gb": round(size / 1e9, 3), "prune": r})
+        shutil.rmtree(work / "p", ignore_errors=True)
         shutil.rmtree(ckpt)
-        rows.append(row)
-        print(layers, json.dumps(row), flush=True)
-    growth = {k: per_layer_growth(rows, k) for k in ("prune", "wanda", "recipe")}
-    return {"shape": "Llama-3.2-1B width (hidden 2048, MLP 8192, 32/8 heads, vocab 128256, tied), random bf16",
-            "calibration": "8 samples x 128 tokens", "rows": rows, "rss_growth_mb_per_layer": growth,
+        print(layers, json.dumps(r), flush=True)
+    growth = per_layer_growth(rows, "prune")
+    return {"shape": SHAPES["llama-1b-width"].split(", 4 layers")[0], "calibration": "default (64 x 1024)",
+            "rows": rows, "rss_growth_mb_per_layer": growth,
+            "target_growth_le_40mb": growth is not None and growth <= 40}
+
+
+def recipe_rows(work: Path, tok: Path, data: Path, depths: list[int], modes: list[str], previous: dict) -> dict:
+    """prune + Wanda as two commands and as one recipe, each with ``--stream MODE`` / ``load.stream: MODE``."""
+    calib = {"path": str(data), "samples": 8, "seqlen": 128}
+    flags = ["--calib", str(data), "--samples", "8", "--seqlen", "128"]
+    by_mode = {m: list(previous.get("modes", {}).get(m, {}).get("rows", [])) for m in ("on", "off")}
+    for layers in depths:
+        ckpt = work / f"llama1b-{layers}"
+        size = write_random_checkpoint(ckpt, LLAMA_1B, layers, tok)
+        for mode in modes:
+            row: dict = {"layers": layers, "checkpoint_gb": round(size / 1e9, 3), "stream": mode}
+            stream = ["--stream", mode]
+            row["prune"] = measure(["prune", str(ckpt), "--layers", "2", *flags, *stream, "-o", str(work / "p")])
+            row["wanda"] = measure(["sparsify", str(work / "p"), "--method", "wanda", "--sparsity", "0.5", *flags,
+                                    *stream, "-o", str(work / "w")])
+            shutil.rmtree(work / "p")
+            shutil.rmtree(work / "w")
+            rec = work / "r.yaml"
+            rec.write_text(yaml.safe_dump({"name": "prune-wanda", "model": str(ckpt), "output": str(work / "run"),
+                                           "load": {"stream": mode},
+                                           "stages": [{"prune": {"layers": 2, "calib": calib}},
+                                                      {"sparsify": {"method": "wanda", "sparsity": 0.5,
+                                                                    "calib": calib}}]}))
+            r = run_command(["run", str(rec)], lock=False)
+            row["recipe"] = r
+            commands = max(row["prune"]["peak_rss_mb"], row["wanda"]["peak_rss_mb"])
+            row["recipe_over_commands"] = round(r["peak_rss_mb"] / commands, 3)
+            shutil.rmtree(work / "run")
+            rows = [x for x in by_mode[mode] if x["layers"] != layers] + [row]
+            by_mode[mode] = sorted(rows, key=lambda x: x["layers"])
+            print(layers, mode, json.dumps(row), flush=True)
+        shutil.rmtree(ckpt)
+    out: dict = {"shape": SHAPES["llama-1b-width"].split(", 4 layers")[0], "calibration": "8 samples x 128 tokens",
+                 "modes": {}}
+    for mode, rows in by_mode.items():
+        if not rows:
+            continue
+        growth = {k: per_layer_growth(rows, k) for k in ("prune", "wanda", "recipe")}
+        out["modes"][mode] = {
+            "rows": rows, "rss_growth_mb_per_layer": growth,
             "targets": {"recipe_growth_le_40mb": growth["recipe"] is not None and growth["recipe"] <= 40,
                         "recipe_within_10pct_of_commands": all(r["recipe_over_commands"] <= 1.10 for r in rows)}}
+    return out
+
+
+def eight_b_recipe(work: Path, tok: Path, data: Path) -> dict:
+    """``prune --layers 6`` (8 x 128 tokens) on the 16 GB Llama-3.1-8B-shaped checkpoint, as a one-stage recipe."""
+    ckpt = work / "llama8b"
+    t0 = time.perf_counter()
+    size = write_random_checkpoint(ckpt, LLAMA_8B, 32, tok)
+    wrote = round(time.perf_counter() - t0, 1)
+    rec = work / "r8.yaml"
+    rec.write_text(yaml.safe_dump({"name": "prune6", "model": str(ckpt), "output": str(work / "run8"),
+                                   "stages": [{"prune": {"layers": 6, "calib": {"path": str(data), "samples": 8,
+                                                                                 "seqlen": 128}}}]}))
+    try:
+        r = run_command(["run", str(rec)], lock=False)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(work / "run8", ignore_errors=True)
+    return {"shape": "Llama-3.1-8B (32 layers, hidden 4096, MLP 14336, 32/8 heads, vocab 128256, untied), random bf16",
+            "checkpoint_gb": round(size / 1e9, 3), "write_seconds": wrote, "calibration": "8 samples x 128 tokens",
+            "recipe": r, "target_le_3gb": r["peak_rss_mb"] <= 3 * 1024}
+
+
+def _ratio_ok(x) -> bool:
+    return x is not None and 0.75 <= x <= 1.25
 
 
 def table(results: dict) -> str:
     lines = []
-    st = results.get("stages")
-    if st:
-        lines += ["| SmolLM2-135M shape, float32 | printed estimate GB | peak RSS GB | estimate / peak | wall s |",
+    for shape, st in (results.get("stages") or {}).items():
+        if not isinstance(st, dict) or "rows" not in st:
+            continue
+        lines += ["", f"| {SHAPES[shape].split(' (')[0]} | printed estimate GB | peak RSS GB | estimate / peak | wall s |",
                   "|---|---:|---:|---:|---:|"]
         for name, r in st["rows"].items():
             est = f"{r['estimate_host_gb']:.2f}" if r.get("estimate_host_gb") else "none"
             ratio = f"{r['estimate_over_peak']:.2f}" if r.get("estimate_over_peak") else "-"
             lines.append(f"| {name} | {est} | {r['peak_rss_mb'] * 2**20 / 1e9:.2f} | {ratio} | {r['seconds']:.0f} |")
+    pg = results.get("prune_growth")
+    if pg:
+        lines += ["", "| 1B-wide layers | prune --layers 2, default calibration: peak RSS MB | estimate / peak |",
+                  "|---:|---:|---:|"]
+        for r in pg["rows"]:
+            lines.append(f"| {r['layers']} | {r['prune']['peak_rss_mb']:.0f} | {r['prune']['estimate_over_peak']:.2f} |")
+        lines.append(f"| growth per layer | {pg['rss_growth_mb_per_layer']:+.1f} | |")
     rc = results.get("recipe")
-    if rc:
-        lines += ["", "| 1B-wide layers | prune command MB | Wanda command MB | `draftkit run` prune + Wanda MB | run / commands |",
-                  "|---:|---:|---:|---:|---:|"]
-        for r in rc["rows"]:
-            lines.append(f"| {r['layers']} | {r['prune']['peak_rss_mb']:.0f} | {r['wanda']['peak_rss_mb']:.0f} | "
-                         f"{r['recipe']['peak_rss_mb']:.0f} | {r['recipe_over_commands']:.2f} |")
-        g = rc["rss_growth_mb_per_layer"]
-        lines.append(f"| growth per layer | {g['prune']:+.1f} | {g['wanda']:+.1f} | {g['recipe']:+.1f} | |")
-    return "\n".join(lines)
+    if rc and "modes" in rc:
+        lines += ["", "| 1B-wide layers, stream | prune command MB | Wanda command MB | `draftkit run` prune + Wanda MB | run / commands |",
+                  "|---|---:|---:|---:|---:|"]
+        for mode, m in rc["modes"].items():
+            for r in m["rows"]:
+                lines.append(f"| {r['layers']}, {mode} | {r['prune']['peak_rss_mb']:.0f} | {r['wanda']['peak_rss_mb']:.0f} | "
+                             f"{r['recipe']['peak_rss_mb']:.0f} | {r['recipe_over_commands']:.2f} |")
+            g = m["rss_growth_mb_per_layer"]
+            lines.append(f"| growth per layer, {mode} | {g['prune']:+.1f} | {g['wanda']:+.1f} | {g['recipe']:+.1f} | |")
+    e = results.get("eight_b_recipe")
+    if e:
+        r = e["recipe"]
+        lines += ["", "| Llama-3.1-8B shape, one-stage recipe | checkpoint GB | wall s | peak RSS MB | target |",
+                  "|---|---:|---:|---:|---|",
+                  f"| prune --layers 6 (32 layers) | {e['checkpoint_gb']:.1f} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+                  f"<= 3072 MB: {'met' if e['target_le_3gb'] else 'missed'} |"]
+    return "\n".join(lines).strip("\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["stages", "recipe"], action="append")
+    ap.add_argument("--only", choices=["stages", "stages-1b", "prune-growth", "recipe", "8b"], action="append")
     ap.add_argument("--cases", default="", help="stages: only the rows whose name starts with one of these (comma-separated)")
     ap.add_argument("--depths", default="4,8")
+    ap.add_argument("--modes", default="on,off", help="recipe: the load.stream settings measured")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(RESULTS.read_text())))
         return
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-                          "torch": torch.__version__,
-                          "note": "shared 2-core machine, run under the bench lock: peak RSS is the figure compared"}
-    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    stages = results.setdefault("stages", {})
+    if "rows" in stages:  # the layout before the 1B-wide rows: SmolLM2's rows only
+        results["stages"] = stages = {"smollm2-135m": {"rows": stages["rows"]}}
+    results.pop("machine", None)
+    loads = results.setdefault("loadavg_at_start", {})
     work = Path(tempfile.mkdtemp(prefix="dk-estimates-"))
     try:
         tok, data = make_tokenizer_and_data(work)
-        for part in args.only or ["recipe", "stages"]:
-            if part == "stages":
+        for part in args.only or ["stages", "stages-1b", "prune-growth", "recipe", "8b"]:
+            loads[part] = [round(x, 2) for x in os.getloadavg()]
+            results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            results["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__,
+                                  "note": "shared 2-core machine, run under the bench lock: peak RSS is the figure "
+                                          "compared; each command's load average is in its row"}
+            if part in ("stages", "stages-1b"):
+                shape = "smollm2-135m" if part == "stages" else "llama-1b-width"
                 only = [c for c in args.cases.split(",") if c]
-                prev = results.get("stages", {}).get("rows", {})
-                results["stages"] = {"rows": stage_rows(work, tok, data, only, prev)}
-                ratios = [r["estimate_over_peak"] for r in results["stages"]["rows"].values()]
-                results["stages"]["target_within_25pct"] = all(x is not None and 0.75 <= x <= 1.25 for x in ratios)
+                prev = stages.get(shape, {}).get("rows", {})
+                rows = stage_rows(shape, work, tok, data, only, prev)
+                ratios = [r["estimate_over_peak"] for r in rows.values()]
+                stages[shape] = {"shape": SHAPES[shape], "rows": rows,
+                                 "target_within_25pct": all(_ratio_ok(x) for x in ratios)}
+            elif part == "prune-growth":
+                results["prune_growth"] = prune_growth_rows(work, tok, data, [int(d) for d in args.depths.split(",")])
+            elif part == "recipe":
+                prev = results.get("recipe", {}) if "modes" in results.get("recipe", {}) else {}
+                results["recipe"] = recipe_rows(work, tok, data, [int(d) for d in args.depths.split(",")],
+                                                args.modes.split(","), prev)
             else:
-                results["recipe"] = recipe_rows(work, tok, data, [int(d) for d in args.depths.split(",")])
+                results["eight_b_recipe"] = eight_b_recipe(work, tok, data)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)

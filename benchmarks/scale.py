@@ -21,12 +21,16 @@ Parts (each command runs as its own ``draftkit`` process; peak RSS is that proce
 
 Every checkpoint is written shard by shard by :class:`draftkit.checkpoint.stream.ShardWriter`, one
 random tensor at a time (never the whole model in memory). Timed runs take the shared bench lock
-(``/tmp/dk-bench.lock``) one command at a time. Writes benchmarks/results/scale.json.
+(``fcntl.flock`` on ``/tmp/dk-bench.lock``, the lock ``flock /tmp/dk-bench.lock CMD`` takes) one command at a
+time; ``flock /tmp/dk-bench.lock python benchmarks/scale.py --lock-held ...`` holds it for the whole script
+instead. Writes benchmarks/results/scale.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
 LOCK = Path("/tmp/dk-bench.lock")
+LOCK_HELD = False  # --lock-held: the whole script runs under `flock /tmp/dk-bench.lock`
 REF = "52ea14b"  # main before the streaming work (#9)
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
@@ -119,19 +125,30 @@ _LAUNCH = (
 )
 
 
+@contextlib.contextmanager
+def bench_lock() -> Iterator[None]:
+    """The shared bench lock: ``fcntl.flock`` on :data:`LOCK`, the same lock as ``flock /tmp/dk-bench.lock CMD``
+    (so a command run under ``flock`` and this script never measure at once). Under ``--lock-held`` (the whole
+    script run by ``flock /tmp/dk-bench.lock``) it is not taken again: ``flock`` on a second open of the file
+    would wait for the lock its own parent holds."""
+    if LOCK_HELD:
+        yield
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run(cmd: list[str], *, env_path: Path = ROOT, lock: bool = True) -> dict:
     """One ``draftkit`` command: wall seconds, peak RSS (MB, the process's VmHWM) and its JSON report."""
     peak_file = Path(tempfile.mkstemp(prefix="dk-peak-")[1])
     env = {**os.environ, "PYTHONPATH": str(env_path), "DRAFTKIT_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
            "DK_PEAK_FILE": str(peak_file)}
-    if lock:
-        while True:
-            try:
-                LOCK.mkdir()
-                break
-            except FileExistsError:
-                time.sleep(15)
-    try:
+    held = bench_lock() if lock else contextlib.nullcontext()
+    with held:
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -142,9 +159,6 @@ def run(cmd: list[str], *, env_path: Path = ROOT, lock: bool = True) -> dict:
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read().decode(), err.read().decode()
-    finally:
-        if lock:
-            LOCK.rmdir() if LOCK.is_dir() else None
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {stderr[-2000:]}")
@@ -337,7 +351,11 @@ def main() -> None:
     ap.add_argument("--small-cases", default="", help="small: only the cases whose name starts with this (e.g. demo)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--table", action="store_true", help="print the README tables from the saved JSON and exit")
+    ap.add_argument("--lock-held", action="store_true",
+                    help="the script runs under `flock /tmp/dk-bench.lock`: do not take the lock per command")
     args = ap.parse_args()
+    global LOCK_HELD
+    LOCK_HELD = args.lock_held
     if args.table:
         print(table(json.loads(RESULTS.read_text())))
         return

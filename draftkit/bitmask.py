@@ -18,6 +18,7 @@ recent vLLM dropped the format, so :mod:`draftkit.checkpoint` reads it with thes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -100,8 +101,10 @@ def theoretical_layout_bytes(shape: tuple[int, int] | list[int] | torch.Size, sp
     return (1.0 - sparsity) * rows * cols * element_size + rows * math.ceil(cols / 8) + rows * 8 + 16
 
 
-def compress_state_dict(state: dict[str, torch.Tensor], modules: list[str]) -> dict[str, torch.Tensor]:
-    """Replace ``M.weight`` by the four bitmask tensors for every module name ``M`` in ``modules``."""
+def compress_state_dict(state: dict[str, torch.Tensor], modules: list[str],
+                        after_each: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """Replace ``M.weight`` by the four bitmask tensors for every module name ``M`` in ``modules``;
+    ``after_each()`` is called after each weight is compressed (e.g. to hand freed memory back)."""
     targets = set(modules)
     out: dict[str, torch.Tensor] = {}
     for name, value in state.items():
@@ -109,6 +112,8 @@ def compress_state_dict(state: dict[str, torch.Tensor], modules: list[str]) -> d
         if prefix in targets:
             for key, t in bitmask_compress(value).items():
                 out[f"{prefix}.{key}"] = t
+            if after_each is not None:
+                after_each()
         else:
             out[name] = value
     return out

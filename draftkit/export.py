@@ -195,11 +195,17 @@ def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance
     state = stored.state
     dense_bytes = sum(nbytes(t) for t in state.values())
     modules = targets if fmt == "sparse" else []
-    report: dict[str, Any] = {}
+    from draftkit.memory import release_freed_memory
+    from draftkit.memory_stages import announce, export_estimate
+
+    report: dict[str, Any] = {"memory_estimate_gb": announce(export_estimate(model, state, modules),
+                                                             "whole model in memory")}
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if fmt == "sparse":
-            tensors = compress_state_dict(state, modules)
+            # each weight's mask and index temporaries handed back at once: left to malloc, the freed pages of
+            # one weight sit between the next ones' kept tensors and the peak varied by a model's size run to run
+            tensors = compress_state_dict(state, modules, after_each=release_freed_memory)
             theory = 0.0
             layout = 0
             for m in modules:

@@ -2,7 +2,8 @@
 
 The estimate is arithmetic on the config and the checkpoint's size (no weights loaded):
 
-* weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
+* weights: the whole checkpoint when resident (an MoE's routed experts twice: transformers reads the per-expert
+  tensors before fusing them, :func:`draftkit.moe.arch.moe_resident_bytes`); when streamed, the larger of the embeddings (read once
   to embed the calibration tokens) and one decoder layer (an MoE layer's plus the per-expert tensors on disk
   its largest fused expert parameter is built from: :func:`draftkit.moe.arch.moe_stream_bytes`);
 * calibration activations: the hidden states entering and leaving the current layer, for every token
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
-from draftkit.moe.arch import moe_stream_bytes, moe_values_per_token
+from draftkit.moe.arch import moe_resident_bytes, moe_stream_bytes, moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -110,7 +111,8 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     interleaved = sparsify in ("sparsegpt", "wanda") and chunk_tokens < tokens
     parts = {
-        "weights": ckpt_bytes if not streamed else max(embed, layer + moe_stream_bytes(tc, dtype_bytes)),
+        "weights": (ckpt_bytes + moe_resident_bytes(tc, dtype_bytes) if not streamed
+                    else max(embed, layer + moe_stream_bytes(tc, dtype_bytes))),
         "activations": tokens * act * (suspended_values_per_token(tc) if interleaved else ACTIVATION_COPIES * hidden),
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
             10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)

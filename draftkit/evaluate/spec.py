@@ -356,7 +356,12 @@ def spec_stage(model, tokenizer, cfg: SpecConfig):
     # fail on a bad prompts file before the target loads
     read_prompts(cfg.prompts, tokenizer, chat=False, limit=1, split=cfg.split, column=cfg.column)
     device = str(next(model.parameters()).device)
+    from draftkit.compute import current_dtype
+    from draftkit.memory_stages import announce, spec_estimate
+
+    estimate = announce(spec_estimate(model, cfg.target, compute=current_dtype(), trust_remote_code=cfg._trust_remote_code),
+                        "draft and target in memory")
     # the target's greedy reference and its verification of the draft both run in this one compute dtype
     target, target_tok = load_model_and_tokenizer(cfg.target, dtype=load_dtype() or "auto", device=device,
                                                   trust_remote_code=cfg._trust_remote_code)
-    return model, run_spec(model, tokenizer, target, target_tok, cfg)
+    return model, {**run_spec(model, tokenizer, target, target_tok, cfg), "memory_estimate_gb": estimate}

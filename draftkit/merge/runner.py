@@ -224,6 +224,11 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
     size = ref.nbytes()
     console.info(f"merge ({cfg.method}) of {len(models)} models, {size / 1e9:.2f} GB each, tensor by tensor in chunks "
                  f"of at most {CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB per input")
+    from draftkit.memory_stages import announce, merge_estimate
+
+    every = ckpts + ([base_ckpt] if base_ckpt else [])
+    largest_sparse = max((math.prod(c.shape[f"{m}.weight"]) for c in every for m in c.sparse_modules), default=0)
+    estimate = announce(merge_estimate(len(every), CHUNK_ELEMENTS, largest_sparse), "one chunk of each tensor at a time")
     config = load_config(models[0], trust_remote_code=trust)
     if is_sparse_checkpoint(ref.path) and hasattr(config, "quantization_config"):
         del config.quantization_config  # written dense (zeros in place)
@@ -251,6 +256,7 @@ def merge_checkpoints(models: list[str], cfg: MergeConfig, *, out: str | Path, l
             shutil.copy(Path(ref.path) / "generation_config.json", tmp / "generation_config.json")
         load_tokenizer(models[0], trust_remote_code=trust).save_pretrained(tmp)
         report = _report(cfg, models, facts, weights, t0)
+        report["memory_estimate_gb"] = estimate
         report["threads"] = threads
         args = {"config": cfg.model_dump(mode="json"), "load": load.model_dump(mode="json"), **(arguments or {})}
         provenance = make_provenance(stage="merge", source=models[0], arguments=args, facts=report)
