@@ -57,23 +57,28 @@ def model_bytes(name: str, load) -> int:
 
 
 def weights_and_a_fifth(hf_config, cfg, load, size: int) -> int:
-    """The default estimate of a stage: its model, and a fifth more for what it computes."""
-    return int(1.2 * size)
+    """The default estimate of a stage: the process, its model, and a fifth more for what it computes."""
+    from draftkit.memory import PROCESS_BYTES
+
+    return PROCESS_BYTES + int(1.2 * size)
 
 
 def twice_the_weights(hf_config, cfg, load, size: int) -> int:
-    """A stage that writes a converted copy of the weights (export)."""
-    return 2 * size
+    """A stage that writes a converted copy of the weights (export): the process and the weights twice."""
+    from draftkit.memory import PROCESS_BYTES
+
+    return PROCESS_BYTES + 2 * size
 
 
 def weights_and_other(hf_config, cfg, load, size: int) -> int:
     """A measuring stage: its model and every other model its config names (eval's baseline, spec's target)."""
+    from draftkit.memory import PROCESS_BYTES
     from draftkit.registry import stages
 
     entry = next((s for s in stages().values() if s.config is type(cfg)), None)
     data = cfg.model_dump(mode="json")
     others = entry.reference_fields(data) if entry is not None else ()
-    return size + sum(model_bytes(data[f], load) for f, kind in others
+    return PROCESS_BYTES + size + sum(model_bytes(data[f], load) for f, kind in others
                       if kind == "model" and isinstance(data.get(f), str) and data[f])
 
 

@@ -205,3 +205,24 @@ def test_another_base_with_another_tokenizer(tiny_models, tmp_path):
     assert other["c"] > 0 and other["predicted_speedup_by_k"]
     # --keep frontier: the pruned draft is on disk exactly when it is on the frontier
     assert (own["draft"] is not None) == own["frontier"] == (tmp_path / "o" / "drafts" / own["name"]).is_dir()
+
+
+def test_search_as_a_recipe_stage(tmp_path):
+    """``search:`` in a recipe: its target is the stage's input, its work folder sits beside its output, and a rerun
+    of the unchanged recipe skips it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "search-stage", "model": str(TEACHER), "output": str(tmp_path / "run"),
+        "load": {"compute": "float32"},
+        "stages": [{"search": {"candidates": ["d1/none"], "prompts": str(DATA / "test.jsonl"), "prompt_limit": 3,
+                               "max_new_tokens": 12, "k": 3, "speedup_engine": "none",
+                               "calib": {"path": str(DATA / "train.jsonl"), "samples": 4, "seqlen": 64}}}]}))
+    r = invoke("run", recipe, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout[r.stdout.index("{"):])["stages"][0]["report"]
+    assert report["target"] == str(TEACHER) and [c["name"] for c in report["candidates"]] == ["d1-dense-none"]
+    assert (tmp_path / "run" / "00-search" / "drafts" / "d1-dense-none" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "00-search.work").is_dir()
+    again = invoke("run", recipe, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout[again.stdout.index("{"):])["stages"][0]["skipped"] is True

@@ -78,7 +78,7 @@ class Search:
     def __init__(self, target, tokenizer, cfg: SearchConfig, *, target_name: str, work: Path, procs: Procs):
         from draftkit.compute import current
         from draftkit.distill.rows import ROWS_FILE
-        from draftkit.fingerprint import model_identity
+        from draftkit.fingerprint import data_identity, model_identity
 
         self.target, self.tok, self.cfg, self.name, self.work, self.procs = target, tokenizer, cfg, target_name, work, procs
         self.device = next(target.parameters()).device
@@ -99,8 +99,8 @@ class Search:
         self.ready: set[str] = set()
         self._sets = None
         self.measure_cfg = {"target": target_name, "prompts": cfg.prompts, "prompt_limit": cfg.prompt_limit,
-                            "more_prompts": cfg.more_prompts, "k": cfg.k, "max_new_tokens": cfg.max_new_tokens,
-                            "chat": cfg.chat}
+                            "more_prompts": cfg.more_prompts and data_identity(cfg.more_prompts), "k": cfg.k,
+                            "max_new_tokens": cfg.max_new_tokens, "chat": cfg.chat}
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -227,11 +227,16 @@ class Search:
         path, input_id, previous = self.draft_of(cand)
         key = f"measure-{cand.name}"
         fp, parts = self.ledger.fingerprint("spec", self.measure_cfg, input_id, previous)
-        reuse, why = self.ledger.reusable(key, fp, parts, Path(path) if path else self.work)
+        reuse, why = self.ledger.reusable(key, fp, parts, self._existing(path))
         if reuse:
             return self.ledger.get(key)["report"]
         console.info(f"[bold]search[/bold]: measuring {cand.name} ({why})")
         return self.ledger.record(key, "spec", fp, parts, lambda: self._measure(cand, path))
+
+    def _existing(self, path: str | None) -> Path:
+        """The folder whose presence a measurement's reuse needs: the draft's, or the work folder for the target
+        itself and a base named by an alias or hub id."""
+        return Path(path) if path and Path(path).exists() else self.work
 
     def _with_draft(self, path: str | None, fn):
         """``fn(draft, tokenizer)`` with the draft at ``path`` (the target when None) and the target in the
@@ -273,7 +278,7 @@ class Search:
                   "engine_repeats": self.cfg.engine_repeats}
         key = f"engine-{cand.name}"
         fp, parts = self.ledger.fingerprint("spec", config, f"measure-{cand.name}", self.ledger.get(f"measure-{cand.name}").get("fingerprint"))
-        if self.ledger.reusable(key, fp, parts, Path(path) if path else self.work)[0]:
+        if self.ledger.reusable(key, fp, parts, self._existing(path))[0]:
             return self.ledger.get(key)["report"]
         console.info(f"[bold]search[/bold]: engine speedup of {cand.name} ({self.cfg.speedup_engine}, k={k})")
         ids = self.prompt_sets()[0].ids[: self.cfg.engine_prompts]
@@ -349,6 +354,11 @@ def run_search(target, tokenizer, cfg: SearchConfig, *, target_name: str) -> dic
             from draftkit.errors import InvalidInputError
 
             raise InvalidInputError("a search over several processes needs a work_dir they share: pass --work-dir")
+        if procs.world == 1:  # a killed run's half-written models (never a finished one); others may be writing theirs
+            import shutil
+
+            for stale in (work / "steps").glob(".*.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         if procs.world > 1 and next(target.parameters()).device.type == "cuda":
             target.to(f"cuda:{procs.local_rank}")
         report = Search(target, tokenizer, cfg, target_name=target_name, work=work, procs=procs).run()
