@@ -104,6 +104,46 @@ def llmc_worker(args) -> None:
     )
 
 
+def mask_worker(args) -> None:
+    """Whether llm-compressor's SparseGPT calibration forward attends causally (its own venv; a measurement aid,
+    run apart from the timed runs): layer 0's attention output in its first calibration forward, against the same
+    attention recomputed with an explicit causal mask and with no mask. Stops after two samples."""
+    import torch
+    from datasets import load_dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    seen: list[dict] = []
+
+    def hook(module, a, kw, output):
+        h = kw.get("hidden_states", a[0] if a else None)
+        n = h.shape[1]
+        rest = {k: v for k, v in kw.items() if k not in ("hidden_states", "attention_mask")}
+        causal = torch.full((n, n), torch.finfo(h.dtype).min).triu(1)[None, None]
+        with torch.no_grad():
+            ref_causal = module.forward(hidden_states=h, attention_mask=causal, **rest)[0]
+            ref_none = module.forward(hidden_states=h, attention_mask=torch.zeros(1, 1, n, n), **rest)[0]
+        mask = kw.get("attention_mask")
+        seen.append({"attn_implementation": module.config._attn_implementation, "tokens": n,
+                     "mask_shape": None if mask is None else list(mask.shape),
+                     "max_diff_vs_causal": float((output[0] - ref_causal).abs().max()),
+                     "max_diff_vs_no_mask": float((output[0] - ref_none).abs().max())})
+        if len(seen) == 2:
+            Path(args.result).write_text(json.dumps(seen))
+            os._exit(0)
+
+    model.model.layers[0].self_attn.register_forward_hook(hook, with_kwargs=True)
+    ds = load_dataset("text", data_files=args.calib, split="train", keep_linebreaks=True)
+    oneshot(model=model, processor=tok, dataset=ds,
+            recipe=SparseGPTModifier(sparsity=args.sparsity, mask_structure="0:0", targets=["Linear"],
+                                     ignore=["re:.*lm_head"]),
+            num_calibration_samples=2, max_seq_length=args.seqlen, concatenate_data=True,
+            output_dir=args.output, save_compressed=False)
+
+
 def eval_worker(args) -> None:
     """Held-out perplexity and decoder sparsity of each model folder (draftkit's environment)."""
     import torch
@@ -273,7 +313,7 @@ def study(model_dir: Path, calib: Path, heldout: Path, args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--worker", choices=["llmc", "eval"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["llmc", "eval", "mask"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -302,6 +342,9 @@ def main() -> None:
         return
     if args.worker == "eval":
         eval_worker(args)
+        return
+    if args.worker == "mask":
+        mask_worker(args)
         return
 
     import torch
@@ -369,6 +412,13 @@ def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> di
     from transformers import AutoConfig
 
     fl = floors(AutoConfig.from_pretrained(model_dir), args.samples * args.seqlen, args.seqlen)
+    log("llm-compressor's calibration attention: causal? (not timed)")
+    mask_json = work / "mask.json"
+    subprocess.run([args.llmc_python, __file__, "--worker", "mask", "--model", str(model_dir), "--calib", str(calib),
+                    "--sparsity", str(args.sparsity), "--seqlen", str(args.seqlen), "--output", str(work / "out-mask"),
+                    "--result", str(mask_json)], check=True, cwd=ROOT, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    llmc_attention = json.loads(mask_json.read_text())
     for r in runs.values():
         r["x_floor"] = round(r["seconds"] / fl["floor_seconds"], 2)
         r["x_floor_bf16"] = round(r["seconds"] / fl["floor_seconds_bf16"], 2)
@@ -382,6 +432,7 @@ def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> di
             "floor": "one forward of every decoder layer plus the Hessians at the measured fp32 (floor_seconds) and "
                      "bf16 (floor_seconds_bf16) matmul rates",
             "dense_perplexity": ev[str(model_dir)]["perplexity"], "runs": runs,
+            "llmc_calibration_attention": llmc_attention,
             "ratios_draftkit_over_llmc": ratios, "ratios_over_llmc": all_ratios,
             "targets": {"time_le_0.45": ratios["time"] <= 0.45, "peak_rss_le_0.9": ratios["peak_rss"] <= 0.9,
                         "perplexity_le_1.005": ratios["perplexity"] <= 1.005}}

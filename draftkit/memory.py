@@ -2,7 +2,8 @@
 
 The estimate is arithmetic on the config and the checkpoint's size (no weights loaded):
 
-* weights: the whole checkpoint when resident; when streamed, the larger of the embeddings (read once
+* weights: the whole checkpoint when resident (an MoE's routed experts twice: transformers reads the per-expert
+  tensors before fusing them, :func:`draftkit.moe.arch.moe_resident_bytes`); when streamed, the larger of the embeddings (read once
   to embed the calibration tokens) and one decoder layer (an MoE layer's plus the per-expert tensors on disk
   its largest fused expert parameter is built from: :func:`draftkit.moe.arch.moe_stream_bytes`);
 * calibration activations: the hidden states entering and leaving the current layer, for every token
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
-from draftkit.moe.arch import moe_stream_bytes, moe_values_per_token
+from draftkit.moe.arch import moe_resident_bytes, moe_stream_bytes, moe_values_per_token
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -110,7 +111,8 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     layer = max(0, ckpt_bytes - outside) // n_layers
     interleaved = sparsify in ("sparsegpt", "wanda") and chunk_tokens < tokens
     parts = {
-        "weights": ckpt_bytes if not streamed else max(embed, layer + moe_stream_bytes(tc, dtype_bytes)),
+        "weights": (ckpt_bytes + moe_resident_bytes(tc, dtype_bytes) if not streamed
+                    else max(embed, layer + moe_stream_bytes(tc, dtype_bytes))),
         "activations": tokens * act * (suspended_values_per_token(tc) if interleaved else ACTIVATION_COPIES * hidden),
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
             10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
@@ -280,24 +282,29 @@ def release_freed_memory() -> None:
         pass
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_ARENA_MAX = -8  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def share_one_heap() -> None:
-    """Make threads created from now on allocate from the heaps that exist (glibc ``mallopt(M_ARENA_MAX, 1)``).
+    """Make memory freed by one thread reusable by the others, and large blocks go back to the OS when freed
+    (glibc ``mallopt``: ``M_ARENA_MAX`` 1 and a fixed 1 MiB ``M_MMAP_THRESHOLD``).
 
-    glibc gives each new thread a heap ("arena") of its own, up to 8 per core, and keeps what a thread frees in
-    its heap for that heap's next allocations. Chunked sparsify runs each chunk's layer forward in a thread of its
-    own (:mod:`draftkit.sparsify.interleaved`): with a heap each, every chunk's freed transients stayed reserved
-    (peak RSS 1.82 GB for 8 chunks of 4096 tokens on SmolLM2-135M against 1.55 GB for one chunk of 32768), where
-    sharing lets each chunk reuse the memory the one before freed. The threads never allocate at the same time (one
-    runs at a time), so the shared heap's lock costs nothing. A no-op where the C library has no ``mallopt``.
+    glibc gives each new thread a heap ("arena") of its own and keeps what a thread frees in its heap for that
+    heap's next allocations; blocks above the mmap threshold are mapped and unmapped instead, but the threshold
+    grows with the blocks freed (up to 32 MiB), so a chunk's activations (a few MiB each) end up in the heaps.
+    Chunked sparsify runs each chunk's layer forward in a thread of its own (:mod:`draftkit.sparsify.interleaved`):
+    with a heap each, every chunk's freed transients stayed reserved (peak RSS 1.82 GB for 8 chunks of 4096 tokens
+    on SmolLM2-135M against 1.55 GB for one chunk of 32768). The threads never allocate at the same time (one runs
+    at a time), so sharing costs no lock contention; mapping each large block costs its page faults, as the single
+    pass's blocks (all above 32 MiB) always did. A no-op where the C library has no ``mallopt``.
     """
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL("libc.so.6")
         _libc.mallopt(M_ARENA_MAX, 1)
+        _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass
-

@@ -42,3 +42,16 @@ def test_gap_factors_multiply_to_measured_over_predicted():
         assert math.isclose(gf["round_ms"] * rounds,
                             1000 * row["hf"]["engine_tokens_per_target_forward"] * rounds
                             / row["hf"]["spec_tokens_per_s"], rel_tol=1e-9)
+
+
+def test_smollm2_rows_are_self_distilled_drafts_on_50_prompts():
+    """Item 4 of the issue: SmolLM2 drafts, self-data distilled through draftkit's API, on >= 50 GSM8K prompts, with
+    how each draft was made recorded beside its figures."""
+    smollm2 = [r for r in _rows() if r["pair"].startswith("SmolLM2")]
+    healed = [r for r in smollm2 if r["healing"].startswith("self-data distillation")]
+    assert healed
+    for r in healed:
+        assert r["prompts"] >= 50 and r["k"] == 4 and r["hf"]["repeats"] == r["run"]["repeats"] >= 1
+        assert r["draft"]["train"]["steps"] > 0 and r["draft"]["self_data"]["sha256"]
+        assert len(r["dropped_layers"]) + r["layers_after"] == 30
+        assert r["dynamic"]["tokens_per_target_forward"] >= 1

@@ -145,6 +145,15 @@ def moe_stream_bytes(config, dtype_bytes: int) -> int:
     return E * 2 * width * hidden * dtype_bytes
 
 
+def moe_resident_bytes(config, dtype_bytes: int) -> int:
+    """Extra host bytes while ``from_pretrained`` loads an MoE checkpoint whole (0 for a dense config): it reads
+    the per-expert tensors of every layer before fusing them, so the routed expert weights (``E x 3 x I x H``
+    per layer) are held twice (measured: ``benchmarks/results/moe_stream_memory.json``, resident row)."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(getattr(tc, "num_hidden_layers", 0) or 0)
+    return layers * 3 * moe_stream_bytes(config, dtype_bytes) // 2
+
+
 def is_moe(model: nn.Module) -> bool:
     return bool(moe_blocks(model))
 
