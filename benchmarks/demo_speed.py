@@ -9,13 +9,14 @@ Each round is one pair of runs, the reference then this tree, each a fresh ``dra
 (``DRAFTKIT_CACHE_DIR``; ``DRAFTKIT_CACHE`` unset), so no run reuses another's work. The reference is checked out
 in a temporary detached git worktree and runs from it with this venv (``PYTHONPATH`` = that worktree: its own
 ``draftkit``, recipe and demo teacher). The shared bench lock (``/tmp/dk-bench.lock``, ``fcntl.flock``) is held
-for each pair and released between pairs. Writes ``benchmarks/results/demo_speed.json`` under ``--label`` (the
+for each pair and released between pairs (``--hold``: for all of them). Writes ``benchmarks/results/demo_speed.json`` under ``--label`` (the
 median of each tree's runs, their ratio, the load average before each run and at the start).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -54,7 +55,8 @@ def one_run(tree: Path, work: Path, tag: str) -> dict:
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-    return {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "loadavg_start": r["loadavg_start"]}
+    return {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "loadavg_start": r["loadavg_start"],
+            "commit": _git("rev-parse", "--short", "HEAD", cwd=tree), "stage_seconds": r.get("stage_seconds")}
 
 
 def summarize(m: dict) -> None:
@@ -66,11 +68,13 @@ def summarize(m: dict) -> None:
 
 def table(results: dict) -> str:
     lines = [f"| demo recipe, {results['ref']} against | runs each | {results['ref']} median s | now median s | "
-             "now / before | load average at start |", "|---|---:|---:|---:|---:|---:|"]
+             "now / before | load average at the runs' start (median) |", "|---|---:|---:|---:|---:|---:|"]
     for label, m in results["measurements"].items():
         n = sum(r["tree"] == "new" for r in m["runs"])
-        lines.append(f"| {label} ({m['new_commit']}) | {n} | {m['median_seconds']['ref']:.1f} | "
-                     f"{m['median_seconds']['new']:.1f} | {m['new_over_ref']:.2f} | {m['loadavg_at_start'][0]:.1f} |")
+        commits = sorted({r["commit"] for r in m["runs"] if r["tree"] == "new" and r.get("commit")}) or [m["new_commit"]]
+        load = statistics.median(r["loadavg_start"] for r in m["runs"])
+        lines.append(f"| {label} ({', '.join(commits)}) | {n} | {m['median_seconds']['ref']:.1f} | "
+                     f"{m['median_seconds']['new']:.1f} | {m['new_over_ref']:.2f} | {load:.1f} |")
     return "\n".join(lines)
 
 
@@ -79,6 +83,7 @@ def main() -> None:
     ap.add_argument("--ref", default=REF)
     ap.add_argument("--rounds", type=int, default=3, help="pairs of runs (reference, then this tree)")
     ap.add_argument("--label", default="now", help="the measurement's name in the JSON (replaced when it exists)")
+    ap.add_argument("--hold", action="store_true", help="hold the bench lock for all rounds (not only for each pair)")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -98,15 +103,17 @@ def main() -> None:
                 raise SystemExit(f"draftkit imports from {where}, not from {tree}: set up the venv as an editable install")
         m = {"new_commit": _git("rev-parse", "--short", "HEAD"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "runs": []}
-        for i in range(args.rounds):
-            with bench_lock():
-                for which, tree in (("ref", ref_tree), ("new", ROOT)):
-                    r = one_run(tree, work, f"{which}-{i}")
-                    m["runs"].append({"tree": which, "round": i, **r})
-                    print(which, i, json.dumps(r), flush=True)
-            summarize(m)
-            results["measurements"][args.label] = m
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        whole = bench_lock() if args.hold else contextlib.nullcontext()
+        with whole:
+            for i in range(args.rounds):
+                with contextlib.nullcontext() if args.hold else bench_lock():
+                    for which, tree in (("ref", ref_tree), ("new", ROOT)):
+                        r = one_run(tree, work, f"{which}-{i}")
+                        m["runs"].append({"tree": which, "round": i, **r})
+                        print(which, i, json.dumps(r), flush=True)
+                summarize(m)
+                results["measurements"][args.label] = m
+                RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         _git("worktree", "remove", "--force", str(ref_tree))
         shutil.rmtree(work, ignore_errors=True)

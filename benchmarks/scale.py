@@ -169,7 +169,10 @@ def run(cmd: list[str], *, env_path: Path = ROOT, lock: bool = True) -> dict:
             "streamed": bool(report.get("streamed")), "report_seconds": report.get("seconds"),
             "threads": report.get("threads"),
             "estimate_gb": report.get("memory_estimate_gb"),
-            "stderr_estimate": next((l for l in stderr.splitlines() if "memory estimate" in l), None)}
+            "stderr_estimate": next((l for l in stderr.splitlines() if "memory estimate" in l), None),
+            **({"stage_seconds": {str(st.get("stage") or st.get("name") or i): st.get("seconds")
+                                  for i, st in enumerate(report["stages"])}}
+               if isinstance(report.get("stages"), list) else {})}
 
 
 def per_layer_growth(rows: list[dict], key: str) -> float | None:

@@ -1,5 +1,5 @@
-"""The README's memory-estimate tables are the ones the benchmark prints from its committed JSON
-(``benchmarks/estimates.py --table``), row for row."""
+"""The README's memory-estimate and demo-speed tables are the ones the benchmarks print from their committed JSON
+(``benchmarks/estimates.py --table``, ``benchmarks/demo_speed.py --table``), row for row."""
 
 from __future__ import annotations
 
@@ -37,3 +37,11 @@ def test_readme_estimate_tables_are_the_json():
     missing = [r for r in rows if r not in section.splitlines()]
     assert not missing, missing
 
+
+
+def test_readme_demo_speed_table_is_the_json():
+    demo = _module("demo_speed")
+    results = json.loads(demo.RESULTS.read_text())
+    section = _section("### Memory estimates against measured peaks")
+    rows = [line for line in demo.table(results).splitlines() if line.startswith("| ")]
+    assert len(rows) >= 2 and all(r in section.splitlines() for r in rows)

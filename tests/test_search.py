@@ -112,7 +112,7 @@ def test_report_measures_every_candidate(searched):
         more = c["more_prompts_mal_by_k"][str(DATA / "train.jsonl")]  # the second prompt set, measured beside
         assert len(more) == 8 and all(1 <= m <= k + 1 for k, m in enumerate(more, 1))
     best = max(report["candidates"], key=lambda c: c["predicted_speedup"])
-    assert report["best"] == best["name"]
+    assert report["best"] == best["name"] and report["pays_off"] == (best["predicted_speedup"] > 1)
     points = [(c["c"], c["mal_per_step"]) for c in report["candidates"]]
     assert {report["candidates"][i]["name"] for i in frontier(points)} == set(report["frontier"])
     assert (out / "search.png").stat().st_size > 1000

@@ -56,7 +56,8 @@ def _render(r: dict) -> None:
                   str(c["best_k"] or "-"), f"{_f(c['predicted_speedup'])}x", f"{_f(eng)}x" if eng else "-",
                   "*" if c["frontier"] else "", style="bold green" if c["name"] == r["best"] else None)
     p(t)
-    p(f"best: {r['best']} (predicted {_f(r['best_predicted_speedup'])}x); frontier: {', '.join(r['frontier'])}")
+    verdict = "" if r.get("pays_off") else " - no candidate is predicted to pay off on this device"
+    p(f"best: {r['best']} (predicted {_f(r['best_predicted_speedup'])}x{verdict}); frontier: {', '.join(r['frontier'])}")
     shared = ", ".join(f"{n} {s}" for s, n in r["shared_steps"].items())
     p(f"shared work: {shared} for {len(r['candidates'])} candidates")
     if r.get("best_recipe"):

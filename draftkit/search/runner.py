@@ -314,7 +314,8 @@ class Search:
             r["engine"] = None
             if i in front and self.cfg.speedup_engine != "none" and (r["steps"] or r["base"]):  # not the target
                 r["engine"] = self.engine(cands[i], r)
-        ranked = [r for r in rows if r.get("predicted_speedup") is not None]
+        # the target drafting for itself is a reference point (MAL k+1 at the target's cost), never the draft to serve
+        ranked = [r for r in rows if r.get("predicted_speedup") is not None and (r["steps"] or r["base"])]
         best = max(ranked, key=lambda r: r["predicted_speedup"]) if ranked else None
         counts: dict[str, int] = {}
         for step in self.steps.values():
@@ -332,6 +333,7 @@ class Search:
             "frontier": [rows[i]["name"] for i in sorted(front, key=lambda i: points[i])],
             "best": best["name"] if best else None,
             "best_predicted_speedup": best["predicted_speedup"] if best else None,
+            "pays_off": bool(best and best["predicted_speedup"] > 1),
             "v_k": statistics.median(v_k) if v_k else None,
             "shared_steps": counts,
             "regeneration": self.ledger.get(REGEN).get("report") if REGEN in self.steps else None,
