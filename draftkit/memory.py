@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from draftkit.errors import InvalidInputError
-from draftkit.moe.arch import moe_resident_bytes, moe_stream_bytes, moe_values_per_token
+from draftkit.moe.arch import moe_memory
 
 PROCESS_BYTES = int(0.45 * 2**30)
 # the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
@@ -83,13 +83,14 @@ def suspended_values_per_token(tc) -> int:
     """Values per calibration token that sparsify holds while every chunk's forward waits at a group of linears
     (:mod:`draftkit.sparsify.interleaved`): the layer's input and the residual stream, the group's input and
     what the layer's code keeps beside it. The most is held at o_proj (the normed input, q, k, v and the attention
-    output) or at down_proj (the MLP's normed input and its intermediate values); an MoE block adds its routing."""
+    output) or at down_proj (the MLP's normed input and its intermediate values). An MoE block adds its routing
+    (:func:`draftkit.moe.arch.moe_values_per_token`), which :func:`estimate_memory` adds."""
     hidden = int(getattr(tc, "hidden_size", 4096))
     inter = int(getattr(tc, "intermediate_size", 4 * hidden) or 4 * hidden)
     heads = int(getattr(tc, "num_attention_heads", 32))
     head_dim = int(getattr(tc, "head_dim", None) or hidden // heads)
     kv = int(getattr(tc, "num_key_value_heads", None) or heads) * head_dim
-    return 3 * hidden + max(inter, heads * head_dim + 2 * kv) + moe_values_per_token(tc)
+    return 3 * hidden + max(inter, heads * head_dim + 2 * kv)
 
 
 def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.device, tokens: int,
@@ -110,13 +111,15 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     outside = embed * (1 if getattr(tc, "tie_word_embeddings", False) else 2)
     layer = max(0, ckpt_bytes - outside) // n_layers
     interleaved = sparsify in ("sparsegpt", "wanda") and chunk_tokens < tokens
+    suspended = suspended_values_per_token(tc) if interleaved else 0
+    attention = 2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0
+    moe = moe_memory(tc, dtype_bytes)  # every MoE term in one call (0 for a dense config)
     parts = {
-        "weights": (ckpt_bytes + moe_resident_bytes(tc, dtype_bytes) if not streamed
-                    else max(embed, layer + moe_stream_bytes(tc, dtype_bytes))),
-        "activations": tokens * act * (suspended_values_per_token(tc) if interleaved else ACTIVATION_COPIES * hidden),
+        "weights": (ckpt_bytes + moe.resident_bytes if not streamed
+                    else max(embed, layer + moe.stream_bytes)),
+        "activations": tokens * act * (suspended + moe.values_per_token if interleaved else ACTIVATION_COPIES * hidden),
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
-            10 * hidden + 3 * inter + (2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0)
-            + moe_values_per_token(tc)),
+            10 * hidden + 3 * inter + attention + moe.values_per_token),
     }
     cols = max(hidden, inter)
     if sparsegpt:

@@ -10,6 +10,7 @@ and remote code keep one MLP module per expert in an ``nn.ModuleList``; both are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
 
@@ -152,6 +153,20 @@ def moe_resident_bytes(config, dtype_bytes: int) -> int:
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(getattr(tc, "num_hidden_layers", 0) or 0)
     return layers * 3 * moe_stream_bytes(config, dtype_bytes) // 2
+
+
+class MoeMemory(NamedTuple):
+    """An MoE config's extra terms in the one memory estimate (all 0 for a dense config)."""
+
+    values_per_token: int  # :func:`moe_values_per_token`
+    stream_bytes: int  # :func:`moe_stream_bytes`
+    resident_bytes: int  # :func:`moe_resident_bytes`
+
+
+def moe_memory(config, dtype_bytes: int) -> MoeMemory:
+    """The MoE terms of :func:`draftkit.memory.estimate_memory`, in one call."""
+    return MoeMemory(moe_values_per_token(config), moe_stream_bytes(config, dtype_bytes),
+                     moe_resident_bytes(config, dtype_bytes))
 
 
 def is_moe(model: nn.Module) -> bool:
