@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.scale import make_tokenizer_and_data, per_layer_growth  # noqa: E402
+from benchmarks.scale import make_tokenizer_and_data, per_layer_growth, write_plan  # noqa: E402
 from benchmarks.scale import run as run_command  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "moe_stream_memory.json"
@@ -40,7 +40,6 @@ def write_moe_checkpoint(out: Path, layers: int, tokenizer_dir: Path, *, dtype=t
     from transformers.core_model_loading import revert_weight_conversion
 
     from draftkit.checkpoint import empty_model
-    from draftkit.checkpoint.stream import ShardWriter
 
     config = Qwen3MoeConfig(**SHAPE, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config.dtype = dtype
@@ -48,17 +47,7 @@ def write_moe_checkpoint(out: Path, layers: int, tokenizer_dir: Path, *, dtype=t
     skeleton = empty_model(config)
     meta = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in skeleton.state_dict().items()}
     plan = [(k, tuple(v.shape), dtype) for k, v in revert_weight_conversion(skeleton, meta).items()]
-    writer = ShardWriter(out, plan, max_shard_bytes=2 * 2**30)
-    g = torch.Generator().manual_seed(seed)
-    for name, shp, dt in plan:
-        t = torch.ones(shp, dtype=dt) if name.endswith("norm.weight") else torch.randn(shp, generator=g, dtype=dt) * 0.02
-        writer.write({name: t})
-        del t
-    writer.close()
-    config.save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return writer.total_size
+    return write_plan(out, config, plan, tokenizer_dir, seed=seed)
 
 
 def measure(cmd: list[str]) -> dict:

@@ -65,7 +65,6 @@ def write_random_checkpoint(out: Path, shape: dict, layers: int | None, tokenize
     from transformers import LlamaConfig
 
     from draftkit.checkpoint import empty_model
-    from draftkit.checkpoint.stream import ShardWriter
 
     kw = dict(shape)
     if layers is not None:
@@ -76,13 +75,19 @@ def write_random_checkpoint(out: Path, shape: dict, layers: int | None, tokenize
     skeleton = empty_model(config)
     plan = [(k, tuple(v.shape), dtype) for k, v in skeleton.state_dict().items()
             if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    return write_plan(out, config, plan, tokenizer_dir, seed=seed)
+
+
+def write_plan(out: Path, config, plan: list[tuple[str, tuple, torch.dtype]], tokenizer_dir: Path, *,
+               seed: int = 0) -> int:
+    """Random tensors named by ``plan`` written one at a time (norms 1), the config and the tokenizer; returns the
+    checkpoint's size in bytes."""
+    from draftkit.checkpoint.stream import ShardWriter
+
     writer = ShardWriter(out, plan, max_shard_bytes=2 * 2**30)
     g = torch.Generator().manual_seed(seed)
     for name, shp, dt in plan:
-        if name.endswith("norm.weight"):
-            t = torch.ones(shp, dtype=dt)
-        else:
-            t = torch.randn(shp, generator=g, dtype=dt) * 0.02
+        t = torch.ones(shp, dtype=dt) if name.endswith("norm.weight") else torch.randn(shp, generator=g, dtype=dt) * 0.02
         writer.write({name: t})
         del t
     writer.close()
