@@ -113,12 +113,6 @@ def moe_blocks(model: nn.Module) -> dict[int, list[MoeBlock]]:
     return found
 
 
-def is_moe_config(config) -> bool:
-    """A config with routed experts (checked before any weights load)."""
-    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return any(isinstance(getattr(tc, k, None), int) and getattr(tc, k) > 0 for k in EXPERT_COUNT_KEYS)
-
-
 def moe_values_per_token(config) -> int:
     """Extra float values per token one MoE layer's forward holds (0 for a dense config): the router's ``E``
     scores, and per routed expert (``top_k``) the gathered input, its output and three expert-wide values.
