@@ -40,7 +40,7 @@ from draftkit.checkpoint import (
 from draftkit.errors import InvalidInputError, ModelLoadError
 from draftkit.moe.layout import StoredLayout, stored_layout
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
-from draftkit.sparsify.masks import is_nm_sparse, target_linears, tensor_sparsity
+from draftkit.sparsify.masks import count_zeros, is_nm_sparse, target_linears, tensor_sparsity
 
 LOAD_HINT = "load: python -c \"import draftkit; m = draftkit.load_model('{out}')\"  (transformers 5 with compressed-tensors 0.15+ cannot read sparse-bitmask)"
 SERVE_HINT = ("serve: draftkit decompress {out} -o {out}-dense, then serve {out}-dense as the draft (this sparse form is an "
@@ -138,7 +138,7 @@ def global_sparsity(model: nn.Module) -> float:
     zeros = total = 0
     for t in _state_dict_for_save(model).values():
         if t.is_floating_point():
-            zeros += int((t == 0).sum().item())
+            zeros += count_zeros(t)
             total += t.numel()
     return zeros / total if total else 0.0
 
@@ -210,7 +210,7 @@ def write_export(model: nn.Module, tokenizer, out: str | os.PathLike, provenance
             layout = 0
             for m in modules:
                 w = state[f"{m}.weight"]
-                s = float((w == 0).sum().item()) / w.numel()
+                s = count_zeros(w) / w.numel()
                 theory += theoretical_layout_bytes(w.shape, s, w.element_size())
                 layout += sum(nbytes(tensors[f"{m}.{k}"]) for k in PARAM_NAMES)
             others = sum(nbytes(t) for n, t in tensors.items() if n.rpartition(".")[0] not in set(modules))
@@ -271,7 +271,7 @@ def _target_sparsity(state: dict[str, torch.Tensor], modules: list[str]) -> floa
     zeros = total = 0
     for m in modules:
         w = state[f"{m}.weight"]
-        zeros += int((w == 0).sum().item())
+        zeros += count_zeros(w)
         total += w.numel()
     return round(zeros / total, 6) if total else 0.0
 
