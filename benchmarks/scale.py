@@ -175,9 +175,17 @@ def run(cmd: list[str], *, env_path: Path = ROOT, lock: bool = True) -> dict:
             "threads": report.get("threads"),
             "estimate_gb": report.get("memory_estimate_gb"),
             "stderr_estimate": next((l for l in stderr.splitlines() if "memory estimate" in l), None),
-            **({"stage_seconds": {str(st.get("stage") or st.get("name") or i): st.get("seconds")
-                                  for i, st in enumerate(report["stages"])}}
-               if isinstance(report.get("stages"), list) else {})}
+            **(_recipe_stages(report["stages"]) if isinstance(report.get("stages"), list) else {})}
+
+
+def _recipe_stages(stages: list[dict]) -> dict:
+    """A ``draftkit run`` report's stages: each one's seconds, whether it streamed, its printed host estimate (GB)."""
+    names = [str(st.get("stage") or st.get("name") or i) for i, st in enumerate(stages)]
+    reports = [st.get("report") or {} for st in stages]
+    return {"stage_seconds": {n: st.get("seconds") for n, st in zip(names, stages, strict=True)},
+            "stage_streamed": {n: r.get("streamed") for n, r in zip(names, reports, strict=True)},
+            "stage_estimate_host_gb": {n: (r.get("memory_estimate_gb") or {}).get("host")
+                                       for n, r in zip(names, reports, strict=True)}}
 
 
 def per_layer_growth(rows: list[dict], key: str) -> float | None:
