@@ -245,42 +245,93 @@ def _ratio_ok(x) -> bool:
     return x is not None and 0.75 <= x <= 1.25
 
 
+def _commit(r: dict) -> str:
+    return r.get("commit") or "not recorded"
+
+
 def table(results: dict) -> str:
     lines = []
     for shape, st in (results.get("stages") or {}).items():
         if not isinstance(st, dict) or "rows" not in st:
             continue
-        lines += ["", f"| {SHAPES[shape].split(' (')[0]} | printed estimate GB | peak RSS GB | estimate / peak | wall s |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", f"| {SHAPES[shape].split(' (')[0]} | printed estimate GB | peak RSS GB | estimate / peak | wall s | "
+                      "commit |", "|---|---:|---:|---:|---:|---|"]
         for name, r in st["rows"].items():
             est = f"{r['estimate_host_gb']:.2f}" if r.get("estimate_host_gb") else "none"
             ratio = f"{r['estimate_over_peak']:.2f}" if r.get("estimate_over_peak") else "-"
-            lines.append(f"| {name} | {est} | {r['peak_rss_mb'] * 2**20 / 1e9:.2f} | {ratio} | {r['seconds']:.0f} |")
+            lines.append(f"| {name} | {est} | {r['peak_rss_mb'] * 2**20 / 1e9:.2f} | {ratio} | {r['seconds']:.0f} | "
+                         f"{_commit(r)} |")
     pg = results.get("prune_growth")
     if pg:
-        lines += ["", "| 1B-wide layers | prune --layers 2, default calibration: peak RSS MB | estimate / peak |",
-                  "|---:|---:|---:|"]
+        lines += ["", "| 1B-wide layers | prune --layers 2, default calibration: peak RSS MB | estimate / peak | commit |",
+                  "|---:|---:|---:|---|"]
         for r in pg["rows"]:
-            lines.append(f"| {r['layers']} | {r['prune']['peak_rss_mb']:.0f} | {r['prune']['estimate_over_peak']:.2f} |")
-        lines.append(f"| growth per layer | {pg['rss_growth_mb_per_layer']:+.1f} | |")
+            lines.append(f"| {r['layers']} | {r['prune']['peak_rss_mb']:.0f} | {r['prune']['estimate_over_peak']:.2f} | "
+                         f"{_commit(r['prune'])} |")
+        lines.append(f"| growth per layer | {pg['rss_growth_mb_per_layer']:+.1f} | | |")
     rc = results.get("recipe")
     if rc and "modes" in rc:
-        lines += ["", "| 1B-wide layers, stream | prune command MB | Wanda command MB | `draftkit run` prune + Wanda MB | run / commands |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += ["", "| 1B-wide layers, stream | prune command MB | Wanda command MB | `draftkit run` prune + Wanda MB | "
+                      "run / commands | commit |", "|---|---:|---:|---:|---:|---|"]
         for mode, m in rc["modes"].items():
             for r in m["rows"]:
                 lines.append(f"| {r['layers']}, {mode} | {r['prune']['peak_rss_mb']:.0f} | {r['wanda']['peak_rss_mb']:.0f} | "
-                             f"{r['recipe']['peak_rss_mb']:.0f} | {r['recipe_over_commands']:.2f} |")
+                             f"{r['recipe']['peak_rss_mb']:.0f} | {r['recipe_over_commands']:.2f} | {_commit(r['recipe'])} |")
             g = m["rss_growth_mb_per_layer"]
-            lines.append(f"| growth per layer, {mode} | {g['prune']:+.1f} | {g['wanda']:+.1f} | {g['recipe']:+.1f} | |")
+            lines.append(f"| growth per layer, {mode} | {g['prune']:+.1f} | {g['wanda']:+.1f} | {g['recipe']:+.1f} | | |")
     e = results.get("eight_b_recipe")
     if e:
         r = e["recipe"]
-        lines += ["", "| Llama-3.1-8B shape, one-stage recipe | checkpoint GB | wall s | peak RSS MB | target |",
-                  "|---|---:|---:|---:|---|",
+        lines += ["", "| Llama-3.1-8B shape, one-stage recipe | checkpoint GB | wall s | peak RSS MB | target | commit |",
+                  "|---|---:|---:|---:|---|---|",
                   f"| prune --layers 6 (32 layers) | {e['checkpoint_gb']:.1f} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-                  f"<= 3072 MB: {'met' if e['target_le_3gb'] else 'missed'} |"]
+                  f"<= 3072 MB: {'met' if e['target_le_3gb'] else 'missed'} | {_commit(r)} |"]
     return "\n".join(lines).strip("\n")
+
+
+def _met(ok) -> str:
+    return "not a target" if ok is None else ("met" if ok else "missed")
+
+
+def summary(results: dict) -> str:
+    """The README's sentences on the targets, from the JSON (one line each)."""
+    lines = []
+    for shape, st in (results.get("stages") or {}).items():
+        rows = st.get("rows") or {}
+        ratios = {n: r.get("estimate_over_peak") for n, r in rows.items()}
+        out = [f"{n.split(' (')[0]} {x:.3f}" if x else f"{n.split(' (')[0]} (no estimate)"
+               for n, x in ratios.items() if not _ratio_ok(x)]
+        have = [x for x in ratios.values() if x]
+        lines.append(f"{SHAPES[shape].split(' (')[0]}: {len(rows) - len(out)} of {len(rows)} rows within 25% "
+                     f"(estimate / peak {min(have):.2f} to {max(have):.2f})" + (f"; outside: {', '.join(out)}." if out else "."))
+    smol = (results.get("stages") or {}).get("smollm2-135m", {}).get("rows", {})
+    prune = next((r for n, r in smol.items() if n.startswith("prune")), None)
+    if prune:
+        gb_ = prune["peak_rss_mb"] * 2**20 / 1e9
+        lines.append(f"Prune at its default calibration on the SmolLM2-135M shape: peak {gb_:.2f} GB "
+                     f"(target at most 2.5 GB: {_met(gb_ <= 2.5)}).")
+    pg = results.get("prune_growth")
+    if pg:
+        depths = " and ".join(str(r["layers"]) for r in pg["rows"])
+        lines.append(f"Prune at its default calibration on 1B-wide checkpoints of {depths} layers: "
+                     f"{pg['rss_growth_mb_per_layer']:+.1f} MB per added layer (target at most 40 MB: "
+                     f"{_met(pg['target_growth_le_40mb'])}).")
+    for mode, m in ((results.get("recipe") or {}).get("modes") or {}).items():
+        ratios = [r["recipe_over_commands"] for r in m["rows"]]
+        g, t = m["rss_growth_mb_per_layer"], m["targets"]
+        same = t.get("recipe_stages_streamed_as_their_commands")
+        lines.append(f"Recipe with `load.stream: {mode}`: {min(ratios):.2f} to {max(ratios):.2f} times the larger command "
+                     f"(target at most 1.10: {_met(t['recipe_within_10pct_of_commands'])}), {g['recipe']:+.1f} MB per added "
+                     f"layer (commands: prune {g['prune']:+.1f}, Wanda {g['wanda']:+.1f}; target at most 40 MB: "
+                     f"{_met(t['recipe_growth_le_40mb'])})"
+                     + ("" if same is None else f"; each stage streamed as its command did: {'yes' if same else 'no'}") + ".")
+    e = results.get("eight_b_recipe")
+    if e:
+        streamed = (e["recipe"].get("stage_streamed") or {}).get("prune")
+        lines.append(f"The 8B-shaped `prune --layers 6` as a one-stage recipe: peak {e['recipe']['peak_rss_mb']:.0f} MB "
+                     f"(target at most 3072 MB: {_met(e['target_le_3gb'])})"
+                     + ("" if streamed is None else f", {'streamed' if streamed else 'resident'}") + ".")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -292,7 +343,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(RESULTS.read_text())))
+        results = json.loads(RESULTS.read_text())
+        print(table(results) + "\n\n" + summary(results))
         return
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     stages = results.setdefault("stages", {})
@@ -319,6 +371,11 @@ def main() -> None:
                                  "target_within_25pct": all(_ratio_ok(x) for x in ratios)}
             elif part == "prune-growth":
                 results["prune_growth"] = prune_growth_rows(work, tok, data, [int(d) for d in args.depths.split(",")])
+                four = next((r["prune"] for r in results["prune_growth"]["rows"] if r["layers"] == 4), None)
+                if four is not None:  # the 1B-wide stage table's prune row is this 4-layer run (the same command)
+                    wide = stages.setdefault("llama-1b-width", {"shape": SHAPES["llama-1b-width"], "rows": {}})
+                    wide["rows"]["prune --layers 2 (default calibration 64 x 1024)"] = four
+                    wide["target_within_25pct"] = all(_ratio_ok(r["estimate_over_peak"]) for r in wide["rows"].values())
             elif part == "recipe":
                 prev = results.get("recipe", {}) if "modes" in results.get("recipe", {}) else {}
                 results["recipe"] = recipe_rows(work, tok, data, [int(d) for d in args.depths.split(",")],
@@ -328,7 +385,7 @@ def main() -> None:
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(results))
+    print(table(results) + "\n\n" + summary(results))
 
 
 if __name__ == "__main__":

@@ -45,3 +45,15 @@ def test_readme_demo_speed_table_is_the_json():
     section = _section("### Memory estimates against measured peaks")
     rows = [line for line in demo.table(results).splitlines() if line.startswith("| ")]
     assert len(rows) >= 2 and all(r in section.splitlines() for r in rows)
+
+
+def test_readme_estimate_summary_is_the_json():
+    """The sentences on the targets (how many rows within 25%, growth per layer, recipe against commands) are the
+    ones ``benchmarks/estimates.py --table`` prints from the JSON."""
+    estimates = _module("estimates")
+    results = json.loads(estimates.RESULTS.read_text())
+    section = _section("### Memory estimates against measured peaks")
+    lines = estimates.summary(results).splitlines()
+    assert len(lines) >= 4
+    missing = [line for line in lines if line not in section.splitlines()]
+    assert not missing, missing
