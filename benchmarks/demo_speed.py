@@ -1,7 +1,7 @@
 """The demo recipe (``draftkit run demo``, what ``./bootstrap.sh demo`` runs): this tree against a reference
 commit, wall time and peak RSS, alternated runs.
 
-    .venv/bin/python benchmarks/demo_speed.py --label first --rounds 3      # takes the bench lock per pair
+    .venv/bin/python benchmarks/demo_speed.py --label first --rounds 3 --threads 2   # takes the bench lock per pair
     .venv/bin/python benchmarks/demo_speed.py --table
 
 Each round is one pair of runs, the reference then this tree, each a fresh ``draftkit run demo --json`` process
@@ -9,7 +9,9 @@ Each round is one pair of runs, the reference then this tree, each a fresh ``dra
 (``DRAFTKIT_CACHE_DIR``; ``DRAFTKIT_CACHE`` unset), so no run reuses another's work. The reference is checked out
 in a temporary detached git worktree and runs from it with this venv (``PYTHONPATH`` = that worktree: its own
 ``draftkit``, recipe and demo teacher). The shared bench lock (``/tmp/dk-bench.lock``, ``fcntl.flock``) is held
-for each pair and released between pairs (``--hold``: for all of them). Writes ``benchmarks/results/demo_speed.json`` under ``--label`` (the
+for each pair and released between pairs (``--hold``: for all of them). ``--threads N`` pins both trees to N torch
+threads (``DRAFTKIT_THREADS``): under ``auto`` each run picks its count from the cores busy when it starts, and on a
+shared machine that count, not the code, decided the pairs (1.22x, 2.20x, 1.09x). Writes ``benchmarks/results/demo_speed.json`` under ``--label`` (the
 median of each tree's runs, their ratio, the load average before each run and at the start).
 """
 
@@ -46,17 +48,22 @@ def imported_from(tree: Path) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def one_run(tree: Path, work: Path, tag: str) -> dict:
+def one_run(tree: Path, work: Path, tag: str, threads: int | None = None) -> dict:
     out, cache = work / f"out-{tag}", work / f"cache-{tag}"
     os.environ["DRAFTKIT_CACHE_DIR"] = str(cache)
     os.environ.pop("DRAFTKIT_CACHE", None)
+    if threads is not None:
+        os.environ["DRAFTKIT_THREADS"] = str(threads)
+    else:
+        os.environ.pop("DRAFTKIT_THREADS", None)
     try:
         r = run(["run", "demo", "--set", f"output={out}"], env_path=tree, lock=False)
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
     return {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "loadavg_start": r["loadavg_start"],
-            "commit": _git("rev-parse", "--short", "HEAD", cwd=tree), "stage_seconds": r.get("stage_seconds")}
+            "threads": r.get("threads"), "commit": _git("rev-parse", "--short", "HEAD", cwd=tree),
+            "stage_seconds": r.get("stage_seconds")}
 
 
 def summarize(m: dict) -> None:
@@ -67,14 +74,19 @@ def summarize(m: dict) -> None:
 
 
 def table(results: dict) -> str:
-    lines = [f"| demo recipe, {results['ref']} against | runs each | {results['ref']} median s | now median s | "
-             "now / before | load average at the runs' start (median) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| demo recipe, {results['ref']} against | threads | runs each | {results['ref']} median s | now median s | "
+             "now / before | each pair | load average at the runs' start (median) |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
     for label, m in results["measurements"].items():
         n = sum(r["tree"] == "new" for r in m["runs"])
         commits = sorted({r["commit"] for r in m["runs"] if r["tree"] == "new" and r.get("commit")}) or [m["new_commit"]]
         load = statistics.median(r["loadavg_start"] for r in m["runs"])
-        lines.append(f"| {label} ({', '.join(commits)}) | {n} | {m['median_seconds']['ref']:.1f} | "
-                     f"{m['median_seconds']['new']:.1f} | {m['new_over_ref']:.2f} | {load:.1f} |")
+        by_round = {}
+        for r in m["runs"]:
+            by_round.setdefault(r["round"], {})[r["tree"]] = r["seconds"]
+        pairs = ", ".join(f"{p['new'] / p['ref']:.2f}" for _, p in sorted(by_round.items()) if len(p) == 2)
+        lines.append(f"| {label} ({', '.join(commits)}) | {m.get('threads', 'auto')} | {n} | {m['median_seconds']['ref']:.1f} | "
+                     f"{m['median_seconds']['new']:.1f} | {m['new_over_ref']:.2f} | {pairs} | {load:.1f} |")
     return "\n".join(lines)
 
 
@@ -84,6 +96,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="pairs of runs (reference, then this tree)")
     ap.add_argument("--label", default="now", help="the measurement's name in the JSON (replaced when it exists)")
     ap.add_argument("--hold", action="store_true", help="hold the bench lock for all rounds (not only for each pair)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="pin both trees to this many torch threads (DRAFTKIT_THREADS); default: each run's auto")
     ap.add_argument("--table", action="store_true")
     args = ap.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -102,13 +116,14 @@ def main() -> None:
             if not where.startswith(str(tree)):
                 raise SystemExit(f"draftkit imports from {where}, not from {tree}: set up the venv as an editable install")
         m = {"new_commit": _git("rev-parse", "--short", "HEAD"), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()], "runs": []}
+             "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+             "threads": args.threads if args.threads is not None else "auto", "runs": []}
         whole = bench_lock() if args.hold else contextlib.nullcontext()
         with whole:
             for i in range(args.rounds):
                 with contextlib.nullcontext() if args.hold else bench_lock():
                     for which, tree in (("ref", ref_tree), ("new", ROOT)):
-                        r = one_run(tree, work, f"{which}-{i}")
+                        r = one_run(tree, work, f"{which}-{i}", args.threads)
                         m["runs"].append({"tree": which, "round": i, **r})
                         print(which, i, json.dumps(r), flush=True)
                 summarize(m)
