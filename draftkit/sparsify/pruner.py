@@ -14,6 +14,7 @@ from draftkit.compute import Masters
 from draftkit.errors import InvalidInputError
 from draftkit.sparsify.baselines import magnitude_mask, wanda_mask
 from draftkit.sparsify.config import SparsifyConfig
+from draftkit.sparsify.masks import tensor_sparsity
 from draftkit.sparsify.sparsegpt import (
     PRECISION,
     InverseHessian,
@@ -121,7 +122,7 @@ class LayerPruner:
         W.copy_(W_new.to(device=W.device, dtype=W.dtype))
         if lin.weight.data_ptr() != W.data_ptr():  # the compute-dtype copy the rest of this layer's forward reads
             lin.weight.data.copy_(W_new.to(device=lin.weight.device, dtype=lin.weight.dtype))
-        entry["sparsity"] = float((W == 0).sum().item()) / W.numel()
+        entry["sparsity"] = tensor_sparsity(W)  # no int64 copy of W (masks.count_zeros)
         entry["seconds"] = round(seconds + time.perf_counter() - t0, 4)
         self.report[name] = entry
         self.pruned.add(name)
