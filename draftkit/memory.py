@@ -3,12 +3,18 @@
 The estimate is arithmetic on the config and the checkpoint's size (no weights loaded):
 
 * weights: the whole checkpoint when resident (an MoE's routed experts twice: transformers reads the per-expert
-  tensors before fusing them, :func:`draftkit.moe.arch.moe_resident_bytes`); when streamed, the larger of the embeddings (read once
-  to embed the calibration tokens) and one decoder layer (an MoE layer's plus the per-expert tensors on disk
-  its largest fused expert parameter is built from: :func:`draftkit.moe.arch.moe_stream_bytes`);
-* calibration activations: the hidden states entering and leaving the current layer, for every token
-  (:data:`ACTIVATION_COPIES`); for sparsify over several chunks, what the suspended chunk forwards hold
-  (:mod:`draftkit.sparsify.interleaved`, :func:`suspended_values_per_token`);
+  tensors before fusing them, :func:`draftkit.moe.arch.moe_resident_bytes`); when streamed, one decoder layer (an
+  MoE layer's plus the per-expert tensors on disk its largest fused expert parameter is built from:
+  :func:`draftkit.moe.arch.moe_stream_bytes`);
+* calibration activations: the hidden state of every token, waiting between two layers, and the output of the
+  chunk of tokens going through the current layer (the engine replaces each chunk's input by its output,
+  :func:`draftkit.engine.forward.through_layers`: one chunk of all the tokens is two whole copies); for sparsify
+  over several chunks, what the suspended chunk forwards hold (:mod:`draftkit.sparsify.interleaved`,
+  :func:`suspended_values_per_token`);
+* a streamed run reads the embeddings once, before the first layer, to make the calibration hidden states: that
+  phase (``embedding``: the embeddings and every token's hidden state) and the layer phase (the other parts) are
+  never alive at once, so the host estimate is the larger of the two (measured at Llama-3.2-1B's width, prune at
+  its default 64 x 1024 tokens: the sum said 1.91 GB, the run peaked at 1.29 GB, in the embedding phase);
 * one layer forward on one chunk of tokens: about 10 hidden-wide and 3 MLP-wide float32 values per
   token, plus, with ``eager`` attention only, the attention scores (heads × sequence length per token);
 * MoE layers: per token, the router's scores and, for each of its ``top_k`` experts, the gathered input
@@ -36,9 +42,6 @@ from draftkit.errors import InvalidInputError
 from draftkit.moe.arch import moe_memory
 
 PROCESS_BYTES = int(0.45 * 2**30)
-# the calibration states entering the current layer and leaving it (the layer-wise drivers hand the freed pages of
-# the layer before back to the OS, :func:`release_freed_memory`, so no third copy builds up)
-ACTIVATION_COPIES = 2
 GB = 1e9
 
 
@@ -114,10 +117,11 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
     suspended = suspended_values_per_token(tc) if interleaved else 0
     attention = 2 * heads * min(seqlen, chunk_tokens) if _eager_attention(tc) else 0
     moe = moe_memory(tc, dtype_bytes)  # every MoE term in one call (0 for a dense config)
+    waiting = tokens * act * hidden  # every token's hidden state between two layers
     parts = {
-        "weights": (ckpt_bytes + moe.resident_bytes if not streamed
-                    else max(embed, layer + moe.stream_bytes)),
-        "activations": tokens * act * (suspended + moe.values_per_token if interleaved else ACTIVATION_COPIES * hidden),
+        "weights": ckpt_bytes + moe.resident_bytes if not streamed else layer + moe.stream_bytes,
+        "activations": (tokens * act * (suspended + moe.values_per_token) if interleaved
+                        else waiting + min(chunk_tokens, tokens) * act * hidden),
         "layer_forward": chunk_tokens * min(4, act_bytes or 4) * (
             10 * hidden + 3 * inter + attention + moe.values_per_token),
     }
@@ -126,14 +130,17 @@ def estimate_memory(config, *, ckpt_bytes: int, streamed: bool, device: torch.de
         parts["hessian"] = 2 * cols * cols * 4 + 2 * max(2 * inter, 3 * hidden) * hidden * 4
     elif sparsify == "wanda":
         parts["hessian"] = cols * cols * 4 + inter * hidden * 4
-    compute = sum(v for k, v in parts.items() if k != "activations")
+    compute = sum(parts.values()) - parts["activations"]
+    if streamed:  # read once before the first layer, with the hidden states it makes; freed before the layers run
+        parts["embedding"] = embed + waiting
+    first = parts.get("embedding", 0)
     if device.type == "cuda":
         free = available_device_bytes(device) or 0
         on_device = compute + parts["activations"] <= 0.8 * free
-        dev = compute + (parts["activations"] if on_device else 0)
+        dev = max(compute + (parts["activations"] if on_device else 0), first if on_device else embed if streamed else 0)
         host = PROCESS_BYTES + (0 if on_device else parts["activations"]) + (layer if streamed else 0)
         return MemoryEstimate(host, dev, parts, "cuda" if on_device else "cpu")
-    return MemoryEstimate(PROCESS_BYTES + compute + parts["activations"], 0, parts, "cpu")
+    return MemoryEstimate(PROCESS_BYTES + max(compute + parts["activations"], first), 0, parts, "cpu")
 
 
 def _eager_attention(tc) -> bool:
