@@ -331,7 +331,7 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=400, help="GSM8K test rows in the held-out text")
     ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored")
     ap.add_argument("--study", action="store_true", help="also run the calibration-sample study")
-    ap.add_argument("--no-compare", action="store_true", help="only the study")
+    ap.add_argument("--no-compare", action="store_true", help="skip the comparison: only the study, or --extra runs added to the saved one")
     ap.add_argument("--extra", action="append", default=[],
                     help="draftkit options of one more draftkit run added to the saved comparison (against its "
                          "llm-compressor run), e.g. --extra='--stream on --chunk-tokens 8192'")
@@ -373,11 +373,11 @@ def main() -> None:
             result["calibration_study"] = {"rows": study(model_dir, calib, heldout, args),
                                            "note": "in process, draftkit's SparseGPT, one run per variant"}
             out_path.write_text(json.dumps(result, indent=2) + "\n")
-        if args.extra:
-            extra_runs(result["comparison"], model_dir, calib, heldout, work, args)
-            out_path.write_text(json.dumps(result, indent=2) + "\n")
-        elif not args.no_compare:
+        if not args.no_compare:
             result["comparison"] = compare(model_dir, calib, heldout, work, args)
+            out_path.write_text(json.dumps(result, indent=2) + "\n")
+        if args.extra:  # in the same run as the comparison unless --no-compare
+            extra_runs(result["comparison"], model_dir, calib, heldout, work, args)
             out_path.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -461,7 +461,7 @@ def extra_runs(c: dict, model_dir: Path, calib: Path, heldout: Path, work: Path,
         run["x_floor"] = round(run["seconds"] / c["floor_seconds"], 2)
         if "floor_seconds_bf16" in c:
             run["x_floor_bf16"] = round(run["seconds"] / c["floor_seconds_bf16"], 2)
-        run["note"] = "run after the others, on the same machine, alone"
+        run["note"] = "run after the others, on the same machine, alone" + ("" if args.no_compare else ", same invocation")
         log(f"  {run}")
         c["runs"][name] = run
         c["ratios_over_llmc"][name] = {"time": round(run["seconds"] / lc["seconds"], 3),
