@@ -125,3 +125,22 @@ def test_no_module_over_400_lines():
         if (n := len(p.read_text().splitlines())) > 400 and (rel := str(p.relative_to(ROOT)))
     }
     assert not long, f"split these by responsibility: {long}"
+
+
+def _calls(path: Path) -> set[str]:
+    """Names of the functions and methods ``path`` calls (``f(...)`` and ``x.f(...)``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+            for n in ast.walk(tree) if isinstance(n, ast.Call)}
+
+
+def test_only_the_engine_runs_the_layer_loop():
+    """Capturing what the decoder layers receive and running a layer on a calibration chunk belong to the engine
+    (draftkit/engine/): prune scoring, SparseGPT/Wanda/magnitude and the streamed perplexity plug into its
+    ``through_layers`` as per-layer functions instead of looping over the layers themselves."""
+    loop = {"capture_layer_inputs", "run_layer", "load_outside"}
+    outside = {str(p.relative_to(ROOT)): sorted(_calls(p) & loop) for p in PACKAGE.rglob("*.py")
+               if "engine" not in p.relative_to(PACKAGE).parts}
+    assert not {k: v for k, v in outside.items() if v}
+    users = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "through_layers" in _calls(p)}
+    assert {"prune/runner.py", "sparsify/runner.py", "evaluate/streamed.py"} <= users, users

@@ -144,8 +144,9 @@ def test_outside_a_stage_the_model_dtype_is_kept():
 
 
 def _sparsify(model, calib_file, out, method: str, compute_dtype: str, monkeypatch, stream: str = "off"):
-    """run_stage's sparsify, recording the dtype of every decoder-layer forward's weights and input."""
-    import draftkit.sparsify.runner as runner
+    """run_stage's sparsify, recording the dtype of every decoder-layer forward's weights and input (the engine's
+    layer forward, which sparsify's per-layer function runs its chunks through)."""
+    import draftkit.engine.forward as forward
 
     seen: set[tuple[torch.dtype, torch.dtype]] = set()
     original = _RUN_LAYER
@@ -154,7 +155,7 @@ def _sparsify(model, calib_file, out, method: str, compute_dtype: str, monkeypat
         seen.add((next(layer.parameters()).dtype, hidden.dtype))
         return original(layer, hidden, args)
 
-    monkeypatch.setattr(runner, "run_layer", recording)
+    monkeypatch.setattr(forward, "run_layer", recording)
     cfg = SparsifyConfig(method=method, sparsity=0.5, calib=CalibConfig(path=str(calib_file), samples=8, seqlen=64))
     report = run_stage("sparsify", str(model), cfg, out=out, load=LoadConfig(compute=compute_dtype, stream=stream))
     return report, load_file(out / "model.safetensors"), seen

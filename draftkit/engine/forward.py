@@ -101,35 +101,71 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple[tuple, dict]) 
     return _layer_output(layer(hidden, *rest, **kw))
 
 
+def one_shot_runs(layer: nn.Module, hidden: list[torch.Tensor | None], args: list[tuple[tuple, dict]]) -> list:
+    """One callable per chunk that runs ``layer`` on that chunk once: the chunk's input and arguments are taken out
+    of ``hidden`` and ``args`` now and dropped when its forward starts, so each input is freed as soon as the
+    forward no longer needs it (a stage that suspends chunk forwards keeps no input alive for them)."""
+
+    def run_of(c: int):
+        box = [hidden[c], args[c]]
+        hidden[c] = None
+
+        def run() -> torch.Tensor:
+            h, a = box
+            box.clear()
+            return run_layer(layer, h, a)
+
+        return run
+
+    return [run_of(c) for c in range(len(hidden))]
+
+
 @torch.no_grad()
-def through_layers(source, chunks: list[torch.Tensor], *, masks: list[torch.Tensor | None] | None = None,
-                   before=None, after=None, desc: str = "layers") -> list[torch.Tensor]:
+def through_layers(source, chunks: list[torch.Tensor] | None, *, masks: list[torch.Tensor | None] | None = None,
+                   before=None, after=None, forward=None, desc: str | None = "layers") -> list[torch.Tensor]:
     """The sequential pass every layer-wise stage makes: each decoder layer of ``source``
     (:mod:`draftkit.engine.layers`) once, in order, over every chunk of token ids; only one layer is loaded at a
     time, and the hidden states wait on ``source.store`` between layers (the placement the memory estimate chose).
+    Each layer is done (written, when the source writes, and freed) before the next loads.
 
     A stage plugs in per layer, as llm-compressor's modifiers hook a layer in its sequential pipeline:
     ``before(i, layer, run_all, masters)`` may edit layer ``i`` before its outputs are computed (``run_all()``
     runs it over every chunk; ``masters``: its stored-dtype weights), and ``after(i, c, x_in, x_out)`` sees each
-    chunk's input and output of the layer (scoring). Returns the last layer's outputs, per chunk.
+    chunk's input and output of the layer (scoring). ``forward(i, layer, runs)`` runs the layer's chunks itself and
+    returns their outputs in order: ``runs[c]()`` runs chunk ``c`` through the layer once (:func:`one_shot_runs`;
+    sparsify prunes inside those forwards). With ``chunks`` None no calibration forward runs: each layer is loaded,
+    handed to ``forward(i, layer, [])`` and done. ``desc``: the progress bar's (None: none, the stage shows its own).
+    Returns the last layer's outputs, per chunk.
     """
     from draftkit.console import track
 
-    source.load_outside()
-    inputs = capture_layer_inputs(source.model, chunks, device=source.device, masks=masks, store=source.store,
-                                  dtype=source.masters.dtype)
-    source.free_outside()
-    hidden = inputs.hidden
-    for i in track(range(len(source.layers)), desc):
+    hidden: list = []
+    inputs = None
+    if chunks is not None:
+        source.load_outside()
+        inputs = capture_layer_inputs(source.model, chunks, device=source.device, masks=masks, store=source.store,
+                                      dtype=source.masters.dtype)
+        source.free_outside()
+        hidden = inputs.hidden
+    heavy_work_starts()
+    n = len(source.layers)
+    for i in track(range(n), desc) if desc is not None else range(n):
         layer = source.load(i)
+        args = inputs.args[i] if inputs is not None else []
         if before is not None:
-            before(i, layer, lambda: [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))],  # noqa: B023
+            before(i, layer, lambda: [run_layer(layer, hidden[c], args[c]) for c in range(len(hidden))],  # noqa: B023
                    source.masters)
-        for c in range(len(hidden)):
-            x_out = run_layer(layer, hidden[c], inputs.args[i][c])
-            if after is not None:
-                after(i, c, hidden[c], x_out)
-            hidden[c] = x_out if source.store is None else x_out.to(source.store)
-        inputs.args[i] = []  # free this layer's masks and position embeddings
+        if forward is not None:
+            outs = forward(i, layer, one_shot_runs(layer, hidden, args))
+            hidden[:] = outs if source.store is None else [o.to(source.store) for o in outs]
+            del outs
+        else:
+            for c in range(len(hidden)):
+                x_out = run_layer(layer, hidden[c], args[c])
+                if after is not None:
+                    after(i, c, hidden[c], x_out)
+                hidden[c] = x_out if source.store is None else x_out.to(source.store)
+        if inputs is not None:
+            inputs.args[i] = args = []  # free this layer's masks and position embeddings
         source.done(i)  # frees a streamed layer and hands the freed pages back: host memory stays flat with depth
     return hidden

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -99,12 +98,11 @@ class ChunkForward:
 
 @torch.no_grad()
 def prune_layer_interleaved(layer: nn.Module, targets: dict[str, nn.Linear], pruner: LayerPruner,
-                            hidden: list[torch.Tensor | None], args: list[tuple[tuple, dict[str, Any]]],
-                            run_layer: Callable[[nn.Module, torch.Tensor, tuple[tuple, dict]], torch.Tensor],
-                            ) -> list[torch.Tensor]:
-    """Prune the ``targets`` of ``layer`` group by group over every chunk of ``hidden``; return the layer's
-    output per chunk. The entries of ``hidden`` are handed to the chunks' forwards (set to None), so each
-    chunk's input is freed as soon as its forward no longer needs it.
+                            runs: list[Callable[[], torch.Tensor]]) -> list[torch.Tensor]:
+    """Prune the ``targets`` of ``layer`` group by group over every chunk; return the layer's output per chunk.
+    ``runs[c]()`` runs chunk ``c``'s forward through the layer once (the engine's,
+    :func:`draftkit.engine.forward.one_shot_runs`: each chunk's input is freed as soon as its forward no longer
+    needs it).
 
     As in the single-pass driver, linears called with the same input tensor (q/k/v; gate/up) share one
     Hessian and H⁻¹ factor, and the groups learnt here let the next layers prune them in one column loop.
@@ -135,14 +133,13 @@ def prune_layer_interleaved(layer: nn.Module, targets: dict[str, nn.Linear], pru
         return None
 
     def run_chunk(c: int) -> Callable[[], torch.Tensor]:
-        box = [hidden[c], args[c]]
-        hidden[c] = None
+        box = [runs[c]]
+        runs[c] = None  # type: ignore[call-overload]
 
         def run() -> torch.Tensor:
             by_thread[threading.get_ident()] = chunks[c]
-            h, a = box
-            box.clear()
-            return run_layer(layer, h, a)
+            forward = box.pop()
+            return forward()
 
         return run
 
@@ -152,7 +149,7 @@ def prune_layer_interleaved(layer: nn.Module, targets: dict[str, nn.Linear], pru
     group_xs: dict[int, torch.Tensor] = {}
     groups: list[list[nn.Module]] = []
     try:
-        for c in range(len(hidden)):
+        for c in range(len(runs)):
             chunks.append(ChunkForward(c, run_chunk(c), back))
             chunks[c].step()
         while True:

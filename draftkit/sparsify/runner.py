@@ -1,6 +1,8 @@
-"""The sparsify stage's driver: sequential, one decoder layer at a time, linears in execution order.
+"""The sparsify stage's per-layer function on the layer-wise engine (:func:`draftkit.engine.forward.through_layers`,
+which reads each decoder layer, resident or from the shards, runs the calibration chunks through it and writes it
+out): one decoder layer at a time, linears in execution order.
 
-1. Capture: every decoder layer is temporarily replaced by a stub that records all the positional and
+1. Capture (the engine): every decoder layer is temporarily replaced by a stub that records all the positional and
    keyword arguments it receives (position embeddings, its own attention mask — sliding-window layers get
    a different one —, position ids, cache positions...) and passes the hidden states through; one cheap
    model forward per chunk of calibration tokens records the first layer's input and every layer's
@@ -32,23 +34,23 @@ import torch
 from torch import nn
 
 from draftkit import console
-from draftkit.engine.forward import capture_layer_inputs, run_layer
+from draftkit.engine.forward import through_layers
 from draftkit.engine.layers import ResidentLayers
 from draftkit.errors import InvalidInputError
-from draftkit.memory import heavy_work_starts
 from draftkit.modeling import count_parameters
 from draftkit.moe import expert_linears, moe_sparsity_report
 from draftkit.sparsify.calib import calibration_chunks, check_sparsify
 from draftkit.sparsify.config import SparsifyConfig
 from draftkit.sparsify.interleaved import prune_layer_interleaved
-from draftkit.sparsify.masks import target_linears
+from draftkit.sparsify.masks import count_zeros, target_linears
 from draftkit.sparsify.pruner import LayerPruner, _Group
 from draftkit.sparsify.sparsegpt import accumulate_hessian, make_empty_hessian
 
 
 @torch.no_grad()
-def prune_layer_single_pass(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, hidden, args):
-    """All calibration tokens in one forward: prune each linear inside it, in execution order.
+def prune_layer_single_pass(layer, targets: dict[str, nn.Linear], pruner: LayerPruner, run) -> list[torch.Tensor]:
+    """All calibration tokens in one forward (``run()``, the engine's forward of the one chunk): prune each linear
+    inside it, in execution order.
 
     When an earlier layer showed which linears read the same input, the first of them to be called
     prunes the whole group at once; the others are then checked to really receive that input.
@@ -83,7 +85,7 @@ def prune_layer_single_pass(layer, targets: dict[str, nn.Linear], pruner: LayerP
 
     handles = [lin.register_forward_pre_hook(hook) for lin in targets.values()]
     try:
-        out = run_layer(layer, hidden[0], args[0])
+        out = run()
     finally:
         for h in handles:
             h.remove()
@@ -148,11 +150,30 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
     relative = {
         lin: rel for layer in layers for rel, lin in layer.named_modules() if isinstance(lin, nn.Linear) and lin in names
     }
-    zeros_before = 0
+    counted = {"zeros_before": 0}
+
+    def prune_layer(i: int, layer: nn.Module, runs: list) -> list[torch.Tensor]:
+        """Layer ``i``'s targets pruned inside the engine's forwards of its chunks (``runs``; none: magnitude)."""
+        targets_i = per_layer[i]
+        counted["zeros_before"] += sum(count_zeros(lin.weight) for lin in targets_i.values())
+        if not runs:
+            for lin in targets_i.values():
+                pruner.prune(lin, _Group())
+            return []
+        if not targets_i:
+            outs = [run() for run in runs]
+        elif len(runs) == 1:
+            outs = prune_layer_single_pass(layer, targets_i, pruner, runs[0])
+        else:
+            outs = prune_layer_interleaved(layer, targets_i, pruner, runs)
+        for lin_name, lin in targets_i.items():
+            if lin_name not in pruner.pruned:  # never called in a forward: fall back to magnitude
+                console.warn(f"{lin_name} was not called during the calibration forward; pruned by magnitude")
+                pruner.prune(lin, _Group())
+        return outs
 
     with console.status_bar(f"sparsify ({cfg.method})", total=len(targets)) as bar:
         pruner = LayerPruner(cfg, names, modules_report, bar, relative, masters=source.masters)
-        inputs = None
         if cfg.method == "magnitude":
             report["calibration"] = None
         else:
@@ -161,35 +182,10 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
             else:
                 report["calibration"] = {"samples": sum(len(c) for c in chunks), "seqlen": chunks[0].shape[1],
                                          "tokens": sum(c.numel() for c in chunks), "chunks": len(chunks)}
-            source.load_outside()
-            inputs = capture_layer_inputs(model, chunks, device=source.device, store=source.store,
-                                          dtype=source.masters.dtype)
-            source.free_outside()
             report["passes_per_layer"] = 1
-        heavy_work_starts()
-        for i in range(len(layers)):
-            layer = source.load(i)
-            zeros_before += sum(int((lin.weight == 0).sum()) for lin in per_layer[i].values())
-            if inputs is None:
-                for lin in per_layer[i].values():
-                    pruner.prune(lin, _Group())
-            else:
-                hidden = inputs.hidden
-                if per_layer[i]:
-                    if len(hidden) == 1:
-                        hidden = prune_layer_single_pass(layer, per_layer[i], pruner, hidden, inputs.args[i])
-                    else:
-                        hidden = prune_layer_interleaved(layer, per_layer[i], pruner, hidden, inputs.args[i], run_layer)
-                else:
-                    hidden = [run_layer(layer, hidden[c], inputs.args[i][c]) for c in range(len(hidden))]
-                inputs.hidden = hidden if source.store is None else [h.to(source.store) for h in hidden]
-                inputs.args[i] = []  # free this layer's masks and position embeddings
-                for lin_name, lin in per_layer[i].items():
-                    if lin_name not in pruner.pruned:  # never called in a forward: fall back to magnitude
-                        console.warn(f"{lin_name} was not called during the calibration forward; pruned by magnitude")
-                        pruner.prune(lin, _Group())
-            source.done(i)
-        del inputs
+        # the engine reads each layer (resident or from the shards), runs the chunks, and writes it out
+        through_layers(source, chunks if cfg.method != "magnitude" else None, forward=prune_layer, desc=None)
+    zeros_before = counted["zeros_before"]
 
     total = sum(lin.weight.numel() for lin in targets.values())
     before = zeros_before / total
@@ -210,4 +206,4 @@ def _sparsify_with_tokens(cfg: SparsifyConfig, chunks, tokenizer, source) -> tup
     return model, report
 
 
-__all__ = ["calibration_chunks", "capture_layer_inputs", "check_sparsify", "sparsify_model", "sparsify_with_tokens"]
+__all__ = ["calibration_chunks", "check_sparsify", "sparsify_model", "sparsify_with_tokens"]
