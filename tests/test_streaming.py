@@ -2,7 +2,6 @@
 plain transformers reloads, and stop with one line on broken checkpoints."""
 
 import json
-import math
 
 import pytest
 import torch
