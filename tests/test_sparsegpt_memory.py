@@ -56,6 +56,37 @@ def test_hessian_converts_the_input_chunk_by_chunk():
     torch.testing.assert_close(H, 2 / tokens * Xf.t() @ Xf, rtol=1e-5, atol=1e-5)
 
 
+class MatmulFlops(TorchDispatchMode):
+    """Sums m·n·k over every matrix product."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            a, b = args[-2], args[-1]
+            self.flops += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cols", [100, 300, 576])
+def test_hessian_multiplies_only_the_upper_strips_and_is_exactly_symmetric(cols):
+    g = torch.Generator().manual_seed(cols)
+    X = torch.randn(700, cols, generator=g) * torch.linspace(0.2, 3.0, cols)
+    H, n = accumulate_hessian(make_empty_hessian(cols), X[:300], 0)
+    with MatmulFlops() as mm:
+        H, n = accumulate_hessian(H, X[300:], n)  # a running mean over two calls
+    full = 400 * cols * cols
+    strips = -(-cols // 128)
+    assert mm.flops <= full * (strips + 1) / (2 * strips) + 400 * 128 * 128  # the upper strips only
+    if strips > 1:
+        assert mm.flops < 0.8 * full
+    assert torch.equal(H, H.t())  # the lower triangle is the upper one, bit for bit
+    ref = 2 / 700 * X.double().t() @ X.double()
+    torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_inverse_hessian_same_factor_as_out_of_place():
     _, H = _problem()
     H[5, :] = 0

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 PRECISION = torch.float32
+# rows of H per product in accumulate_hessian (the strips on and above the diagonal)
+HESSIAN_STRIP = 128
 
 
 def make_empty_hessian(columns: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -43,7 +45,9 @@ def accumulate_hessian(
 
     ``X`` is converted to float32 on H's device ``max_chunk_bytes`` at a time, so a bfloat16 input of
     128×2048 tokens never exists as a whole float32 copy (for Llama-3.1-8B's down_proj that copy alone
-    would be 15 GB).
+    would be 15 GB). H accumulates in float32 (bf16 compute too: a bf16 product would round each entry of
+    xᵀx to 8 bits, which measured broke the Cholesky of a tiny model's o_proj); being symmetric, only its
+    strips on and above the diagonal are multiplied and the lower triangle is mirrored.
 
     Returns ``(H, n)`` with ``n`` the number of tokens seen so far.
     """
@@ -53,11 +57,17 @@ def accumulate_hessian(
         return H, num_tokens
     total = num_tokens + added
     H.mul_(num_tokens / total)
-    step = max(1, max_chunk_bytes // (4 * X.shape[1]))
+    columns = X.shape[1]
+    step = max(1, max_chunk_bytes // (4 * columns))
     for start in range(0, added, step):
         x = X[start : start + step].to(device=H.device, dtype=PRECISION)
-        # addmm_ with alpha keeps a single [columns, columns] buffer alive
-        H.addmm_(x.t(), x, alpha=2.0 / total)
+        # H is symmetric: only the strips on and above the diagonal are multiplied (55-60% of the FLOPs of
+        # the whole xᵀx, 0.63-0.67x its time on this project's CPU), in place with alpha, so no
+        # [columns, columns] buffer besides H exists
+        for i in range(0, columns, HESSIAN_STRIP):
+            H[i : i + HESSIAN_STRIP, i:].addmm_(x[:, i : i + HESSIAN_STRIP].t(), x[:, i:], alpha=2.0 / total)
+    for i in range(HESSIAN_STRIP, columns, HESSIAN_STRIP):  # the lower triangle mirrors the upper one
+        H[i : i + HESSIAN_STRIP, :i].copy_(H[:i, i : i + HESSIAN_STRIP].t())
     return H, total
 
 
@@ -206,7 +216,7 @@ def sparsegpt_prune_many(
             for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
                 k = _block_quota(sparsity, r1 - r0, num_columns, i1, i2)
                 if k > 0:
-                    mask1[r0:r1].view(-1)[torch.topk(tmp[r0:r1].flatten(), k, largest=False)[1]] = True
+                    mask1[r0:r1].view(-1)[_lowest(tmp[r0:r1], k)] = True
 
         # The per-column updates are small ops: on CPU, thread hand-offs cost more than they save
         # (measured 20-50x slower with 2 threads on a loaded 2-core machine), so run them on one thread.
@@ -231,25 +241,36 @@ def sparsegpt_prune_many(
 
 
 def _prune_block(W1, Q1, Err1, Losses1, Hinv1, d1, mask1, count, prune_n, prune_m) -> None:
-    """Algorithm 1's inner loop over one block's columns (in place on W1, Q1, Err1, Losses1, mask1)."""
-    for i in range(count):
-        w = W1[:, i]
-        d = Hinv1[i, i]
+    """Algorithm 1's inner loop over one block's columns (in place on W1, Q1, Err1, Losses1, mask1).
 
+    Column i's quantized value q = w with the masked weights zeroed, so its error (w - q) / d is w / d on the
+    masked weights and 0 elsewhere, and the update reaches only the later columns (column i itself would
+    become exactly q). Column i is never written after its own step, so Q1 and the losses are read off
+    the block at the end: four small ops per column instead of a dozen (no boolean indexing, no
+    temporary outer product).
+    """
+    for i in range(count):
         if prune_n and i % prune_m == 0:
             # Section 3.5: N lowest-saliency weights of every M columns, chosen when the group starts.
             tmp = W1[:, i : i + prune_m] ** 2 / d1[i : i + prune_m].reshape((1, -1)) ** 2
             mask1.scatter_(1, i + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
-
-        q = w.clone()
-        q[mask1[:, i]] = 0
-
-        Q1[:, i] = q
-        Losses1[:, i] = (w - q) ** 2 / d**2
-
-        err1 = (w - q) / d
-        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+        err1 = torch.where(mask1[:, i], W1[:, i], 0.0).div_(Hinv1[i, i])
         Err1[:, i] = err1
+        if i + 1 < count:
+            W1[:, i + 1 :].addr_(err1, Hinv1[i, i + 1 :], alpha=-1)
+    Q1.copy_(W1.masked_fill(mask1, 0.0))
+    torch.square(Err1, out=Losses1)
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the ``k`` lowest of ``scores`` (ties at the k-th value: the first ones), by one
+    selection instead of a top-k sort (4x faster for k = half a block on this project's CPU)."""
+    flat = scores.flatten()
+    threshold = torch.kthvalue(flat, k).values
+    chosen = flat < threshold
+    ties = (flat == threshold).nonzero().flatten()[: k - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen.nonzero().flatten()
 
 
 def sparsify_weight(
