@@ -44,7 +44,7 @@ def test_a_command_follows_its_model_down_without_more_climbs(command, tiny_llam
 def test_at_most_eight_climbs(command, tiny_llama, calib_file, tmp_path):
     m = _climbs(command, tiny_llama, calib_file, tmp_path / "out")
     assert m["climbs"] <= TARGET, m["path"]
-    assert m["entered"]["draftkit.checkpoint"] <= 3, m["entered"]  # facts, load, write (7 at 0843483)
+    assert m["entered"]["draftkit.checkpoint"] <= 4, m["entered"]  # facts (twice, around the file resolver), load, write (7 at 0843483)
 
 
 def test_the_walk_counts_a_climb():
