@@ -71,3 +71,18 @@ def test_readme_reap_table_matches_the_json():
             assert row[2] == str(lc["seconds"]) and row[3] == f"{lc['peak_rss_mb']:.0f}", (arch, variant)
             assert row[4] == f"{same}/{len(lc['layers'])}", (arch, variant)
     assert all(run["llmcompressor"]["causal_attention_restored"]["identical_kept_experts"] for run in data["runs"].values())
+
+
+def test_readme_llmcompressor_table_is_the_benchmarks_own_table():
+    """The peer comparison's README table is what the benchmark's table() prints from the committed JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vs_llmc", ROOT / "benchmarks" / "sparsify_vs_llmcompressor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = json.loads((ROOT / "benchmarks" / "results" / "sparsify_vs_llmcompressor.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    section = _section(readme, "### Sparsify: draftkit against llm-compressor")
+    for table in module.table(data).split("\n\n"):
+        assert table in section
+    assert data["comparison"]["repeats"] == 3 and len(data["comparison"]["draws"]["llm-compressor"]["perplexity"]) == 3

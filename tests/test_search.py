@@ -167,6 +167,9 @@ def test_plan_shares_each_prune_and_sparsify():
     assert steps["heal-d2-2of4-sdd-seed1"].after == (REGEN,)
     assert steps["heal-d2-2of4-sdd-seed1"].config.dataset == "rows.jsonl"
     assert steps["heal-d0-s0.5-sft-seed0"].config.dataset == "d.jsonl"
+    assert {s.config.precision for s in steps.values() if s.stage == "distill" and s.id != REGEN} == {"auto"}
+    steps, _ = plan(cfg.model_copy(update={"precision": "bf16-mixed"}), target="t", rows="rows.jsonl")
+    assert steps["heal-d2-2of4-sdd-seed1"].config.precision == "bf16-mixed"  # every training's precision
 
 
 def test_candidate_list_and_bases():

@@ -83,7 +83,7 @@ def heal_config(cfg: SearchConfig, healing: str, seed: int, *, target: str, rows
 
     common = dict(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr, lr_schedule="cosine", warmup=cfg.warmup,
                   train_batch_size=cfg.train_batch_size, grad_accum=1, max_length=cfg.max_length, eval_fraction=0.0,
-                  seed=seed, checkpoints=False, work_dir=work)
+                  seed=seed, checkpoints=False, work_dir=work, precision=cfg.precision)
     if healing == "sft":
         return DistillConfig(dataset=cfg.dataset, limit=cfg.rows, regenerate=False, **common)
     if rows is not None:
