@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from draftkit.checkpoint.facts import checkpoint_bytes  # noqa: F401 (moved to the checkpoint facts)
 from draftkit.errors import InvalidInputError
 from draftkit.moe.arch import moe_memory
 
@@ -58,15 +57,6 @@ def available_device_bytes(device: torch.device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)
-
-
-def checkpoint_bytes(location: str | os.PathLike) -> int:
-    """Size of the weight files of a local checkpoint (safetensors, .bin or .pt shards)."""
-    p = Path(location)
-    if not p.is_dir():
-        return 0
-    files = list(p.glob("*.safetensors")) or list(p.glob("pytorch_model*.bin")) or list(p.glob("*.pt"))
-    return sum(f.stat().st_size for f in files)
 
 
 @dataclass

@@ -6,7 +6,7 @@ reads it (:mod:`draftkit.model_files`)."""
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -52,25 +52,22 @@ DEMO_TEACHER = demo_teacher()
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a model comes from (aliases resolved)."""
+    """Where a model comes from (aliases resolved), and how the loaders reach it: all read off at once when the
+    name is resolved."""
 
     name: str  # what the user typed
     location: str  # directory, .gguf file or hub id
     kind: Literal["dir", "gguf", "hub"]
+    local: bool = field(init=False)  # a directory or a .gguf file, not a hub id
+    hf_path: str = field(init=False)  # what ``from_pretrained`` takes as its first argument (a GGUF file's folder)
+    # extra ``from_pretrained`` arguments: ``gguf_file`` for a GGUF file
+    hf_kwargs: dict[str, str] = field(init=False, compare=False, hash=False)
 
-    @property
-    def local(self) -> bool:
-        return self.kind != "hub"
-
-    @property
-    def hf_path(self) -> str:
-        """What ``from_pretrained`` takes as its first argument (a GGUF file's folder)."""
-        return str(Path(self.location).parent) if self.kind == "gguf" else self.location
-
-    @property
-    def hf_kwargs(self) -> dict[str, str]:
-        """Extra ``from_pretrained`` arguments: ``gguf_file`` for a GGUF file."""
-        return {"gguf_file": Path(self.location).name} if self.kind == "gguf" else {}
+    def __post_init__(self) -> None:
+        gguf = self.kind == "gguf"
+        object.__setattr__(self, "local", self.kind != "hub")
+        object.__setattr__(self, "hf_path", str(Path(self.location).parent) if gguf else self.location)
+        object.__setattr__(self, "hf_kwargs", {"gguf_file": Path(self.location).name} if gguf else {})
 
 
 def resolve_model_ref(name: str) -> ModelRef:
@@ -84,11 +81,13 @@ def resolve_model_ref(name: str) -> ModelRef:
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
+            ref = ModelRef(name, str(path), "gguf")
             check_gguf(path)
-            return ModelRef(name, str(path), "gguf")
+            return ref
         if path.is_dir() and (path / "config.json").is_file():
+            ref = ModelRef(name, str(path), "dir")
             check_folder(path)
-            return ModelRef(name, str(path), "dir")
+            return ref
         ggufs = sorted(p.name for p in path.glob(f"*{GGUF_SUFFIX}")) if path.is_dir() else []
         if ggufs:
             raise ModelLoadError(f"{name} has no config.json but holds {', '.join(ggufs[:3])}: pass the .gguf file itself")

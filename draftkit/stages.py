@@ -22,11 +22,11 @@ from draftkit.checkpoint import (
     check_finite,
     load_model_and_tokenizer,
     load_tokenizer,
-    save_model,
+    write_model,
 )
+from draftkit.checkpoint.facts import read_facts
 from draftkit.compute import ComputeChoice, cast_for_compute, computing
 from draftkit.compute import current as current_compute
-from draftkit.engine.placement import checkpoint_facts
 from draftkit.errors import GateFailedError, InvalidInputError
 from draftkit.memory import estimate_line, heavy_work_starts
 from draftkit.provenance import PROVENANCE_FILE, make_provenance
@@ -180,10 +180,6 @@ def run_stage_on(
     t0 = time.perf_counter()
     if held is not None and held.path != model_name:
         held.release()
-    # what the stage's checks and its per-layer form need of the input, read once before any weights load
-    facts = checkpoint_facts(model_name, load) if stage.check is not None or stage.layers is not None else None
-    if stage.check is not None:
-        stage.check(facts.config, cfg)
     in_compute = False  # loaded in the compute dtype rather than the stored one: never handed on
     # a command's output is locked while written; a recipe's stage (lock_what names its run) writes inside the
     # run's folder, which the run holds locked
@@ -191,9 +187,13 @@ def run_stage_on(
 
     with output_lock_of(out, stage.name, held=lock_what is not None), work_dir_lock(cfg, lock_what or stage.name), \
             computing(stage_compute(name, load)) as choice, estimate_line(flush=False):
-        from draftkit.checkpoint import resolve_device
         from draftkit.memory import activation_device, activation_store, announce_before_heavy_work
 
+        # what the stage's checks and its per-layer form need of the input, read in one trip before any weights load
+        facts = read_facts(model_name, device=load.device, trust_remote_code=load.trust_remote_code) \
+            if stage.check is not None or stage.layers is not None else None
+        if stage.check is not None:
+            stage.check(facts.config, cfg)
         # the stage's per-layer form decides, before any weights load, whether it streams and how much it needs
         placement = stage.layers(facts, cfg, load) if stage.layers is not None else None
         estimate, streamed = (placement.estimate, placement.streamed) if placement is not None else (None, False)
@@ -207,27 +207,25 @@ def run_stage_on(
             return StageRun(None, None, report)
         if placement is not None and placement.run is not None:
             stage = stage.replace(run=placement.run)
+        model = tokenizer = read = None
         if streamed:  # the stage reads the checkpoint's shards itself
             if held is not None:
                 held.release()
-            model, tokenizer = None, load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
+            read = "tokenizer"
         elif held is not None and held.model is not None:
             model, tokenizer = held.model, held.tokenizer
         else:
             # a measuring stage (eval, spec) saves no weights: load them in the compute dtype at once
-            dtype = choice.name if choice is not None and stage.save == "report" else load.dtype
-            in_compute = dtype != load.dtype
-            model, tokenizer = load_model_and_tokenizer(
-                model_name, dtype=dtype, device=load.device, trust_remote_code=load.trust_remote_code
-            )
+            read = choice.name if choice is not None and stage.save == "report" else load.dtype
+            in_compute = read != load.dtype
         store = None
         if estimate is not None and not streamed:
             announce_before_heavy_work(estimate)
-            store = activation_device(estimate, resolve_device(load.device))
+            store = activation_device(estimate, facts.device)
         with activation_store(store):  # resident activations placed by the estimate's decision, as streamed ones
             model, tokenizer, report = execute_stage(
                 stage, model, tokenizer, cfg, out=out, source=model_name, load=load, overwrite=overwrite,
-                arguments=arguments,
+                arguments=arguments, read=read,
             )
     if estimate is not None:
         from draftkit.engine.placement import estimate_facts
@@ -249,13 +247,21 @@ def execute_stage(
     load: LoadConfig,
     overwrite: bool = False,
     arguments: dict[str, Any] | None = None,
+    read: str | None = None,
 ):
-    """Run a stage on an in-memory model and write its output; returns ``(model, tokenizer, report)``.
+    """Run a stage on a model and write its output; returns ``(model, tokenizer, report)``. ``read``: what to read
+    of ``source`` first when it is not in memory: ``"tokenizer"`` (a streamed stage reads the weights itself) or the
+    dtype to load the whole model in.
 
     A stage that measures (eval with a quality gate) reports ``report["gate"] = {"passed": bool,
     "message": str}`` instead of raising, so its report is always written; callers then use
     :func:`raise_if_gate_failed`.
     """
+    if read == "tokenizer":
+        tokenizer = load_tokenizer(source, trust_remote_code=load.trust_remote_code)
+    elif read is not None:
+        model, tokenizer = load_model_and_tokenizer(source, dtype=read, device=load.device,
+                                                    trust_remote_code=load.trust_remote_code)
     choice = current_compute() or stage_compute(stage.name, load)
     with estimate_line(flush=False), computing(choice), cast_for_compute(model if stage.save == "report" else None):
         model, report = stage.run(model, tokenizer, cfg)  # prune/sparsify/distill cast what they run themselves
@@ -269,15 +275,16 @@ def execute_stage(
     if not _is_main_process():  # under `accelerate launch`, rank 0 alone writes the output
         report["output"] = str(out)
         return model, tokenizer, report
-    if stage.save != "report":
-        check_finite(model, stage.name)
     if stage.save is None:
-        save_model(model, tokenizer, out, provenance=provenance, overwrite=overwrite)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            check_finite(model, stage.name)  # nothing is written when the result holds NaN/Inf
+            write_model(model, tokenizer, tmp, provenance=provenance)
     elif stage.save == "report":
         with atomic_dir(out, overwrite=overwrite) as tmp:
             atomic_write_json(tmp / "report.json", {"provenance": provenance, "report": report})
             atomic_write_json(tmp / PROVENANCE_FILE, provenance)  # every stage folder carries draftkit.json
     else:
+        check_finite(model, stage.name)
         report.update(stage.save(model, tokenizer, out, provenance, cfg, overwrite) or {})
     report["output"] = str(out)
     heavy_work_starts()  # the estimate line (compute dtype) of a stage that never said its heavy work started

@@ -47,7 +47,14 @@ from draftkit.checkpoint.load import (
     resolve_device,
     torch_dtype,
 )
-from draftkit.checkpoint.write import check_finite, nbytes, parse_size, save_model, write_safetensors
+from draftkit.checkpoint.write import (
+    check_finite,
+    nbytes,
+    parse_size,
+    save_model,
+    write_model,
+    write_safetensors,
+)
 from draftkit.refs import ALIASES, ModelRef, resolve_model_ref
 
 __all__ = [
@@ -56,5 +63,5 @@ __all__ = [
     "is_sparse_checkpoint", "load_config", "load_model", "load_model_and_tokenizer", "load_tokenizer",
     "nbytes", "open_checkpoint", "parse_size", "read_stored_tensors", "resolve_device", "resolve_model_ref",
     "save_model", "empty_model", "sparsity_config_of", "sync_progress_bars", "torch_dtype",
-    "translate_load_error", "weight_files", "write_safetensors", "check_finite",
+    "translate_load_error", "weight_files", "write_model", "write_safetensors", "check_finite",
 ]

@@ -64,15 +64,22 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, *, max_shard_
 def save_model(model, tokenizer, out: str | os.PathLike, *, provenance: dict[str, Any],
                overwrite: bool = False, max_shard_size: str = "5GB") -> Path:
     """Save model (safetensors), tokenizer, generation config and ``draftkit.json`` atomically."""
-    from draftkit.atomic import atomic_dir, atomic_write_json
+    from draftkit.atomic import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_model(model, tokenizer, tmp, provenance=provenance, max_shard_size=max_shard_size)
+    return Path(out)
+
+
+def write_model(model, tokenizer, folder: Path, *, provenance: dict[str, Any], max_shard_size: str = "5GB") -> None:
+    """:func:`save_model`'s files written into ``folder`` (the temporary folder of an atomic output)."""
+    from draftkit.atomic import atomic_write_json
 
     sync_progress_bars()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / PROVENANCE_FILE, provenance)
-    return Path(out)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    atomic_write_json(folder / PROVENANCE_FILE, provenance)
 
 
 def check_finite(model, stage: str = "stage") -> None:

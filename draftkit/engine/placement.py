@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -30,7 +30,7 @@ from draftkit.checkpoint import (
     resolve_model_ref,
     torch_dtype,
 )
-from draftkit.checkpoint.stream import STREAM_ABOVE_BYTES, is_streamable
+from draftkit.checkpoint.stream import STREAM_ABOVE_BYTES
 from draftkit.errors import InvalidInputError
 from draftkit.memory import (
     PROCESS_BYTES,
@@ -38,7 +38,6 @@ from draftkit.memory import (
     activation_device,
     announce_before_heavy_work,
     check_fits,
-    checkpoint_bytes,
     estimate_memory,
     gb,
 )
@@ -77,25 +76,6 @@ def calibration_estimator(config, *, size: int, device, load, tokens: int, seqle
                                sparsify=sparsify)
 
     return est
-
-
-class CheckpointFacts(NamedTuple):
-    """What a stage needs to know of its input before any weights load (read once per stage run)."""
-
-    name: str  # the model as named
-    config: Any  # its transformers config
-    device: Any  # the compute device
-    can_stream: bool  # a local safetensors checkpoint, readable layer by layer
-    size: int  # bytes of its weight files (0 for a hub id)
-
-
-def checkpoint_facts(model_name: str, load) -> CheckpointFacts:
-    """The :class:`CheckpointFacts` of a model, before any weights load."""
-    ref = resolve_model_ref(model_name)
-    config = load_config(model_name, trust_remote_code=load.trust_remote_code)
-    can_stream = ref.local and is_streamable(ref.location)
-    return CheckpointFacts(model_name, config, resolve_device(load.device), can_stream,
-                           checkpoint_bytes(ref.location) if ref.local else 0)
 
 
 def estimate_facts(estimate: MemoryEstimate) -> dict[str, float]:

@@ -43,11 +43,13 @@ def place_eval(model_name: str, cfg, load, facts=None) -> tuple[bool, MemoryEsti
             )
         return False, None, None
     from draftkit.checkpoint import load_tokenizer
+    from draftkit.checkpoint.facts import read_facts
     from draftkit.distill.loss import DEFAULT_CHUNK  # scored positions per output projection
-    from draftkit.engine.placement import checkpoint_facts, choose_streaming, compute_bytes, load_dtype_bytes
+    from draftkit.engine.placement import choose_streaming, compute_bytes, load_dtype_bytes
     from draftkit.modeling import text_config
 
-    _, config, device, can_stream, size = facts or checkpoint_facts(model_name, load)
+    facts = facts or read_facts(model_name, device=load.device, trust_remote_code=load.trust_remote_code)
+    config, device, can_stream, size = facts.config, facts.device, facts.can_stream, facts.size
     tokenizer = load_tokenizer(model_name, trust_remote_code=load.trust_remote_code)
     prepared = perplexity_batches(config, tokenizer, cfg.ppl, seqlen=cfg.ppl_seqlen, stride=cfg.ppl_stride,
                            batch_size=cfg.batch_size, limit=cfg.limit)

@@ -13,9 +13,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from draftkit.checkpoint.facts import CheckpointFacts
 from draftkit.engine import placement
 from draftkit.engine.placement import (
-    CheckpointFacts,
     Placement,
     calibration_estimator,
     choose_streaming,
@@ -24,16 +24,13 @@ from draftkit.engine.placement import recipe_estimate as engine_estimate
 from draftkit.memory import heavy_work_starts
 from draftkit.modeling import text_config
 from draftkit.prune.config import PruneConfig
-
-
-def _needs_forward(cfg: PruneConfig) -> bool:
-    return (cfg.drop is None and cfg.method != "last") or cfg.experts is not None
+from draftkit.prune.runner import needs_calibration
 
 
 def _estimator(config, cfg: PruneConfig, load, size: int, device):
     calib = cfg.calib
     seqlen = min(calib.seqlen, getattr(text_config(config), "max_position_embeddings", None) or calib.seqlen)
-    forward = _needs_forward(cfg)
+    forward = needs_calibration(cfg)
     return calibration_estimator(config, size=size, device=device, load=load,
                                  tokens=calib.samples * seqlen if forward else 0, seqlen=seqlen,
                                  chunk_tokens=cfg.batch_size * seqlen, forward=forward)
@@ -41,10 +38,10 @@ def _estimator(config, cfg: PruneConfig, load, size: int, device):
 
 def prune_layers(facts: CheckpointFacts, cfg: PruneConfig, load) -> Placement:
     """Stream or not and the memory estimate, before any weights load; raises when the run cannot fit."""
-    model_name, config, device, can_stream, size = facts
+    model_name, config, device, can_stream, size = facts.name, facts.config, facts.device, facts.can_stream, facts.size
     streamed, estimate = choose_streaming(model_name, load.stream, _estimator(config, cfg, load, size, device),
                                           can_stream=can_stream, size=size, device=device,
-                                          always=not _needs_forward(cfg))
+                                          always=not needs_calibration(cfg))
     write = partial(placement.write_streamed, "prune", model_name, cfg, load=load, estimate=estimate, work=partial(_prune, cfg))
     return Placement(streamed, estimate, write=write if streamed else None)
 
@@ -55,11 +52,11 @@ def recipe_estimate(hf_config, cfg: PruneConfig, load, size: int) -> int:
 
     device = resolve_device(load.device)
     return engine_estimate(_estimator(hf_config, cfg, load, size, device), load, size=size, device=device,
-                           always=not _needs_forward(cfg))
+                           always=not needs_calibration(cfg))
 
 
 def _prune(cfg: PruneConfig, source, tmp: Path, tokenizer, config) -> dict[str, Any]:
-    from draftkit.data import model_max_length
+    from draftkit.data import calibration_samples, model_max_length
     from draftkit.moe.prune import ExpertPruning
     from draftkit.moe.remove import set_expert_count
     from draftkit.moe.stream import rewrite_layer
@@ -70,8 +67,10 @@ def _prune(cfg: PruneConfig, source, tmp: Path, tokenizer, config) -> dict[str, 
     ckpt = source.ckpt
     n_layers = len(source.layers)
     experts = ExpertPruning(source.model, cfg.experts, cfg.expert_method) if cfg.experts is not None else None
+    max_len = model_max_length(source.model)
+    samples = calibration_samples(tokenizer, cfg.calib, max_len=max_len) if needs_calibration(cfg) else None
     dropped, part = choose_blocks_and_experts(
-        cfg, n_layers, tokenizer, model_max_length(source.model), experts,
+        cfg, n_layers, samples, experts,
         lambda samples, hook: collect_layer_states(None, samples, batch_size=cfg.batch_size, source=source,
                                                    before_layer=hook),
     )

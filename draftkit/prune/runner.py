@@ -92,9 +92,16 @@ def _explicit_layers(spec: str, n_layers: int) -> list[int]:
     return dropped
 
 
-def choose_layers(cfg: PruneConfig, n_layers: int, tokenizer, max_len: int | None, score) -> tuple[list[int], dict]:
+def needs_calibration(cfg: PruneConfig) -> bool:
+    """Whether the run scores anything on calibration data: blocks (angular, bi) or experts."""
+    return (cfg.drop is None and cfg.method != "last") or cfg.experts is not None
+
+
+def choose_layers(cfg: PruneConfig, n_layers: int, samples: list[torch.Tensor] | None,
+                  score) -> tuple[list[int], dict]:
     """Which blocks to drop, and the report entries that say why. ``score(samples)`` runs the
-    calibration forward (:func:`collect_layer_states`); it is called only by the scoring methods.
+    calibration forward (:func:`collect_layer_states`) over the calibration ``samples``; it is called only by the
+    scoring methods.
 
     Raises:
         InvalidInputError: the layer count or indices do not fit the model.
@@ -109,7 +116,7 @@ def choose_layers(cfg: PruneConfig, n_layers: int, tokenizer, max_len: int | Non
     if cfg.method == "last":
         start = n_layers - 1 - n
         return list(range(start, start + n)), report
-    samples = calibration_samples(tokenizer, cfg.calib, max_len=max_len)
+    assert samples is not None, "a scoring method reads calibration samples (needs_calibration)"
     states, bi = score(samples)
     report["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
     report["block_influence"] = [round(float(v), 6) for v in bi]
@@ -124,18 +131,18 @@ def choose_layers(cfg: PruneConfig, n_layers: int, tokenizer, max_len: int | Non
     return lowest_influence(bi, n), report
 
 
-def choose_blocks_and_experts(cfg: PruneConfig, n_layers: int, tokenizer, max_len: int | None,
+def choose_blocks_and_experts(cfg: PruneConfig, n_layers: int, samples: list[torch.Tensor] | None,
                               experts: ExpertPruning | None, collect) -> tuple[list[int], dict]:
     """:func:`choose_layers`, with the experts of each layer scored and removed in the same layer-wise pass
     (``collect(samples, before_layer)`` runs it, resident or streamed); a pass of its own when no block is
-    scored."""
+    scored. ``samples``: the calibration samples, read beforehand when :func:`needs_calibration`."""
     hook = experts.before_layer if experts is not None else None
     if cfg.layers is None and cfg.drop is None:
         dropped, part = [], {"method": None}
     else:
-        dropped, part = choose_layers(cfg, n_layers, tokenizer, max_len, lambda samples: collect(samples, hook))
+        dropped, part = choose_layers(cfg, n_layers, samples, lambda samples: collect(samples, hook))
     if experts is not None and not experts.ran:  # no block scoring pass to ride on: one of its own
-        samples = calibration_samples(tokenizer, cfg.calib, max_len=max_len)
+        assert samples is not None
         collect(samples, hook)
         part["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
     return dropped, part
@@ -150,8 +157,9 @@ def prune_model(model: nn.Module, tokenizer, cfg: PruneConfig) -> tuple[nn.Modul
     t0 = time.perf_counter()
     n_layers = len(decoder_layers(model))
     params_before = count_parameters(model)
+    samples = calibration_samples(tokenizer, cfg.calib, max_len=model_max_length(model)) if needs_calibration(cfg) else None
     experts = ExpertPruning(model, cfg.experts, cfg.expert_method) if cfg.experts is not None else None
-    dropped, part = choose_blocks_and_experts(cfg, n_layers, tokenizer, model_max_length(model), experts,
+    dropped, part = choose_blocks_and_experts(cfg, n_layers, samples, experts,
                                               lambda samples, hook: collect_layer_states(
                                                   model, samples, batch_size=cfg.batch_size, before_layer=hook))
     report: dict[str, Any] = {"stage": "prune", "method": part.pop("method"), "layers_before": n_layers, **part}

@@ -10,9 +10,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from draftkit.checkpoint.facts import CheckpointFacts
 from draftkit.engine import placement
 from draftkit.engine.placement import (
-    CheckpointFacts,
     Placement,
     calibration_estimator,
     choose_streaming,
@@ -36,7 +36,7 @@ def _estimator(config, cfg: SparsifyConfig, load, size: int, device):
 
 def sparsify_layers(facts: CheckpointFacts, cfg: SparsifyConfig, load) -> Placement:
     """Stream or not and the memory estimate, before any weights load; raises when the run cannot fit."""
-    model_name, config, device, can_stream, size = facts
+    model_name, config, device, can_stream, size = facts.name, facts.config, facts.device, facts.can_stream, facts.size
     streamed, estimate = choose_streaming(model_name, load.stream, _estimator(config, cfg, load, size, device),
                                           can_stream=can_stream, size=size, device=device)
     write = partial(placement.write_streamed, "sparsify", model_name, cfg, load=load, estimate=estimate,
