@@ -4,23 +4,12 @@ the file), so the two exclude each other, and an existing lock file is no obstac
 from __future__ import annotations
 
 import fcntl
-import importlib.util
-import sys
 import threading
 from pathlib import Path
 
+from tests._helpers_bench import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _scale():
-    spec = importlib.util.spec_from_file_location("dk_bench_scale", ROOT / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    return module
 
 
 def _enters(scale) -> tuple[threading.Thread, threading.Event]:
@@ -36,7 +25,7 @@ def _enters(scale) -> tuple[threading.Thread, threading.Event]:
 
 
 def test_bench_lock_waits_for_a_flock_holder_and_takes_an_existing_file(tmp_path, monkeypatch):
-    scale = _scale()
+    scale = load_benchmark("scale")
     lock = tmp_path / "dk-bench.lock"
     lock.write_text("")  # the file `flock` leaves behind
     monkeypatch.setattr(scale, "LOCK", lock)
@@ -53,7 +42,7 @@ def test_bench_lock_waits_for_a_flock_holder_and_takes_an_existing_file(tmp_path
 
 def test_bench_lock_is_not_taken_again_under_lock_held(tmp_path, monkeypatch):
     """The script run under ``flock`` (``--lock-held``) must not wait for its own parent's lock."""
-    scale = _scale()
+    scale = load_benchmark("scale")
     lock = tmp_path / "dk-bench.lock"
     monkeypatch.setattr(scale, "LOCK", lock)
     monkeypatch.setattr(scale, "LOCK_HELD", True)

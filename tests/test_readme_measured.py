@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from tests._helpers_bench import load_benchmark, readme_section
+
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 
@@ -22,9 +24,7 @@ def test_readme_repeat_counts_match_the_json():
 def test_readme_sd2_table_matches_the_json():
     """Every arm's MAL (k = 4 and k = 8) and relative MACs in the README's SD² table come from the JSON."""
     data = json.loads((ROOT / "benchmarks" / "results" / "sd2_smollm2.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### SD² on a real model"):]
-    section = section[: section.index("\n### ", 5) if "\n### " in section[5:] else len(section)]
+    section = readme_section("### SD² on a real model")
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| ([a-f]) \|.*$", section, flags=re.M)}
     assert sorted(rows) == list("abcdef")
     for arm, r in data["arms"].items():
@@ -36,16 +36,10 @@ def test_readme_sd2_table_matches_the_json():
     assert data["arms"]["a"]["k4"]["mal_per_step"] == 5 and data["arms"]["a"]["k8"]["mal_per_step"] == 9
 
 
-def _section(readme: str, title: str) -> str:
-    section = readme[readme.index(title):]
-    return section[: section.index("\n### ", 5) if "\n### " in section[5:] else len(section)]
-
-
 def test_readme_merge_table_matches_the_json():
     """The SmolLM2 merge section's MAL figures (two students and their merge) come from the JSON."""
-    readme = (ROOT / "README.md").read_text()
     data = json.loads((ROOT / "benchmarks" / "results" / "merge_smollm2.json").read_text())
-    section = _section(readme, "### Merge: self-distilled students of SmolLM2-135M")
+    section = readme_section("### Merge: self-distilled students of SmolLM2-135M")
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", section, flags=re.M)}
     assert sorted(rows) == sorted(data["mal_per_step"])
     for name, mal in data["mal_per_step"].items():
@@ -56,9 +50,7 @@ def test_readme_merge_table_matches_the_json():
 def test_readme_reap_table_matches_the_json():
     """The REAP comparison's rows (wall time, peak RSS, identical layers) come from its benchmark JSON."""
     data = json.loads((ROOT / "benchmarks" / "results" / "reap_vs_llmcompressor.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Expert pruning: draftkit's REAP against llm-compressor"):]
-    section = section[: section.index("\n### ", 5) if "\n### " in section[5:] else len(section)]
+    section = readme_section("### Expert pruning: draftkit's REAP against llm-compressor")
     rows = [[c.strip() for c in m.group(0).strip("|").split("|")] for m in re.finditer(r"^\| (Qwen3-MoE|Mixtral) \|.*$", section, flags=re.M)]
     names = {"qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral"}
     assert len(rows) == 3 * len(data["runs"])
@@ -75,14 +67,9 @@ def test_readme_reap_table_matches_the_json():
 
 def test_readme_llmcompressor_table_is_the_benchmarks_own_table():
     """The peer comparison's README table is what the benchmark's table() prints from the committed JSON."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vs_llmc", ROOT / "benchmarks" / "sparsify_vs_llmcompressor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("sparsify_vs_llmcompressor")
     data = json.loads((ROOT / "benchmarks" / "results" / "sparsify_vs_llmcompressor.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    section = _section(readme, "### Sparsify: draftkit against llm-compressor")
+    section = readme_section("### Sparsify: draftkit against llm-compressor")
     for table in module.table(data).split("\n\n"):
         assert table in section
     assert data["comparison"]["repeats"] == 3 and len(data["comparison"]["draws"]["llm-compressor"]["perplexity"]) == 3

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
+from tests._helpers_bench import load_benchmark
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("spec_speedup", ROOT / "benchmarks" / "spec_speedup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rows() -> list[dict]:
@@ -22,7 +16,7 @@ def _rows() -> list[dict]:
 
 
 def test_readme_spec_speedup_table_and_notes_match_the_json():
-    module = _module()
+    module = load_benchmark("spec_speedup")
     rows = _rows()
     assert rows
     readme = (ROOT / "README.md").read_text()
@@ -34,7 +28,7 @@ def test_readme_spec_speedup_table_and_notes_match_the_json():
 
 def test_gap_factors_multiply_to_measured_over_predicted():
     """The README's gap decomposition is an identity on each row's measured numbers."""
-    module = _module()
+    module = load_benchmark("spec_speedup")
     for row in _rows():
         gf = module.gap_factors(row)
         assert math.isclose(gf["product"], gf["measured_over_predicted"], rel_tol=1e-9), (row["pair"], gf)
