@@ -45,3 +45,32 @@ def test_a_config_that_does_not_belong_to_the_weights_fails_before_any_load(tiny
         run_stage("prune", str(model), PruneConfig(layers=1, calib=CalibConfig(path=str(calib_file), samples=2, seqlen=16)),
                   out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_shapes_are_read_once_per_files_and_config(tiny_llama, tmp_path, monkeypatch):
+    """The runner's facts trip and the loader after it check the same files against the same config: the headers
+    are read once; a rewritten file or another config is checked again, and a failed check is never remembered."""
+    import os
+
+    import draftkit.checkpoint.load as load
+    from draftkit.checkpoint.files import load_config
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    files = [model / "model.safetensors"]
+    config = load_config(str(model))
+    built = []
+    real = load.empty_model
+    monkeypatch.setattr(load, "empty_model", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    load.check_tensor_shapes(files, config)
+    load.check_tensor_shapes(files, config)
+    assert len(built) == 1
+    st = files[0].stat()
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the file changed
+    load.check_tensor_shapes(files, config)
+    assert len(built) == 2
+    config.intermediate_size = 96  # another config: checked, and it fails every time
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="has shape"):
+            load.check_tensor_shapes(files, config)
+    assert len(built) == 4

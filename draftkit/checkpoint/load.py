@@ -123,14 +123,27 @@ def empty_model(config, *, trust_remote_code: bool = False, name: str = ""):
     return model.eval()
 
 
+_SHAPES_CHECKED: set[tuple] = set()  # checks that passed (check_tensor_shapes)
+
+
 def check_tensor_shapes(files: list[Path], config, *, trust_remote_code: bool = False, name: str = "") -> None:
     """Each stored tensor's shape (read from the safetensors headers) against the shape ``config`` implies.
+
+    A check that passed is remembered for the same files (path, size, modification time) and config, so the
+    stage runner's facts trip and the loader after it read the headers once.
 
     Raises:
         ModelLoadError: a shape disagrees, a header cannot be read, or no model can be built from ``config``.
     """
     from safetensors import safe_open
 
+    try:
+        checked = (tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files), config.to_json_string(),
+                   trust_remote_code)
+    except OSError:  # a missing file: the check below says which, in one line
+        checked = None
+    if checked is not None and checked in _SHAPES_CHECKED:
+        return
     model = empty_model(config, trust_remote_code=trust_remote_code, name=name or (str(files[0].parent) if files else ""))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for f in files:
@@ -143,6 +156,8 @@ def check_tensor_shapes(files: list[Path], config, *, trust_remote_code: bool = 
                     f"{f}: tensor {key} has shape {list(got)} but config.json implies {list(want)}: "
                     "the config does not belong to these weights (restore the checkpoint's own config.json)"
                 )
+    if checked is not None:
+        _SHAPES_CHECKED.add(checked)
 
 
 def load_model(name: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
