@@ -11,7 +11,8 @@ on ``datasets.load_dataset("text", calib.txt)`` with ``concatenate_data=True``, 
 ``output_dir=OUT`` (dense save, as draftkit's). llm-compressor pins torch/transformers, so it runs in its
 own environment (``--llmc-python``). Wall time is the whole process (start-up, load, calibration, save);
 peak RSS is the process's VmHWM. Both SparseGPT settings are the defaults of both tools (block 128,
-dampening 0.01, every decoder linear, lm_head dense).
+dampening 0.01, every decoder linear, lm_head dense). Each tool runs ``--draws`` times, alternated (see
+:func:`compare`): quality is the mean over the draws, time and peak RSS the medians.
 
 **Perplexity** is draftkit's one perplexity function (``draftkit.evaluate.perplexity``: plain text, every
 token scored once, windows of 512) on the first ``--ppl-tokens`` tokens of the held-out text, measured by
