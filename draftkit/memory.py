@@ -173,13 +173,51 @@ def activation_device(est: MemoryEstimate, device: torch.device) -> torch.device
     return device if est.activations_on == device.type else torch.device("cpu")
 
 
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges this process maps from files (Linux ``/proc/self/maps``; empty elsewhere)."""
+    try:
+        lines = open("/proc/self/maps", encoding="utf-8", errors="replace").read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
+            lo, hi = fields[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return sorted(ranges)
+
+
+def maps_a_file(model) -> bool:
+    """Whether some of ``model``'s CPU weights are pages of a file mapping (a safetensors checkpoint read by
+    transformers is mapped, not copied). Such a model keeps resident every page any stage touched, the saving
+    and the layers a prune dropped included, for as long as it lives; the next stage maps the saved output
+    again at almost no cost and holds only the pages it reads (measured at Llama-3.2-1B's width, 4 layers,
+    prune then Wanda: 2184 MB handed on against 1380 MB for the Wanda command)."""
+    import bisect
+
+    ranges = _file_mappings()
+    if not ranges:
+        return False
+    starts = [lo for lo, _ in ranges]
+    for t in model.parameters():
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        ptr = t.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr < ranges[i][1]:
+            return True
+    return False
+
+
 def fits_comfortably(model) -> bool:
     """Whether a recipe keeps a stage's model in memory for the next stage: at most the size up to which
-    checkpoints stay resident (:data:`~draftkit.checkpoint.stream.STREAM_ABOVE_BYTES`) and a quarter of the
-    memory still free where it lives. Otherwise the next stage reads the saved output, streamed by its rule."""
+    checkpoints stay resident (:data:`~draftkit.checkpoint.stream.STREAM_ABOVE_BYTES`), a quarter of the
+    memory still free where it lives, and weights of its own (not pages of a mapped file,
+    :func:`maps_a_file`). Otherwise the next stage reads the saved output, streamed by its rule."""
     from draftkit.checkpoint.stream import STREAM_ABOVE_BYTES
 
-    if model is None:
+    if model is None or maps_a_file(model):
         return False
     seen: set[int] = set()
     size, device = 0, torch.device("cpu")
@@ -308,3 +346,12 @@ def share_one_heap() -> None:
         _libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass
+
+
+def collect_released_models() -> None:
+    """Free a model nothing refers to any more (transformers' modules hold reference cycles, which only the
+    cycle collector frees) and hand its pages back to the OS."""
+    import gc
+
+    gc.collect()
+    release_freed_memory()

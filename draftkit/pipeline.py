@@ -37,7 +37,7 @@ from draftkit.errors import DraftkitError, GateFailedError, InvalidInputError, O
 from draftkit.fingerprint import decide, stage_fingerprint
 from draftkit.gates import rejudge_stored, run_verdict
 from draftkit.lock import LOCK_FILE, folder_lock
-from draftkit.memory import fits_comfortably
+from draftkit.memory import collect_released_models, fits_comfortably
 from draftkit.oserrors import user_error
 from draftkit.recipe import Recipe
 from draftkit.refs import resolve_model_ref
@@ -237,6 +237,8 @@ def _run_locked(recipe: Recipe, out: Path, force_from: int | None, threads: int,
                 if fits_comfortably(ran.model):  # a stage that writes no model (eval, export) hands on its input
                     held = Held(ran.model, ran.tokenizer, str(stage_dir) if stage.save is None else reads[0])
                 del given, ran
+                if held is None:  # the stage's model, now unreferenced: freed before the next stage loads
+                    collect_released_models()
         except BaseException as exc:
             entries[key].update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", seconds=round(time.perf_counter() - t0, 3),
                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

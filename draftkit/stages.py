@@ -111,13 +111,10 @@ class Held:
 
     def release(self) -> None:
         """Drop the model (the next stage reads its folder from disk, streamed when its rule says so)."""
-        import gc
-
-        from draftkit.memory import release_freed_memory
+        from draftkit.memory import collect_released_models
 
         self.model = self.tokenizer = None
-        gc.collect()
-        release_freed_memory()
+        collect_released_models()
 
 
 @dataclass

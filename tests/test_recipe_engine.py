@@ -16,10 +16,10 @@ from draftkit.pipeline import run
 from draftkit.recipe import load_recipe
 
 
-def _recipe(tmp_path, model, calib, stream: str, name: str) -> str:
+def _recipe(tmp_path, model, calib, stream: str, name: str, **load) -> str:
     calib_cfg = {"path": str(calib), "samples": 6, "seqlen": 48}
     data = {
-        "name": name, "model": str(model), "output": str(tmp_path / name), "load": {"stream": stream},
+        "name": name, "model": str(model), "output": str(tmp_path / name), "load": {"stream": stream, **load},
         "stages": [{"prune": {"layers": 2, "calib": calib_cfg}},
                    {"sparsify": {"method": "wanda", "sparsity": 0.5, "calib": calib_cfg}}],
     }
@@ -90,16 +90,32 @@ def test_stream_on_in_a_recipe_streams_and_matches_stream_off(tiny_llama, calib_
 
 
 def test_small_model_passes_in_memory_else_next_stage_reads_the_output(tiny_llama, calib_file, tmp_path, monkeypatch):
-    calls = _count_loads(monkeypatch)
-    run(load_recipe(_recipe(tmp_path, tiny_llama, calib_file, "off", "kept")))
+    calls = _count_loads(monkeypatch)  # float32 weights read as bfloat16: converted, in memory of the model's own
+    run(load_recipe(_recipe(tmp_path, tiny_llama, calib_file, "off", "kept", dtype="bfloat16")))
     assert calls == [str(tiny_llama)]  # the pruned model went on to sparsify in memory
 
     calls.clear()
     monkeypatch.setattr("draftkit.pipeline.fits_comfortably", lambda model: False)
-    run(load_recipe(_recipe(tmp_path, tiny_llama, calib_file, "off", "reread")))
+    run(load_recipe(_recipe(tmp_path, tiny_llama, calib_file, "off", "reread", dtype="bfloat16")))
     assert calls == [str(tiny_llama), str(tmp_path / "reread" / "00-prune")]
     a, b = _tensors(tmp_path / "kept" / "01-sparsify"), _tensors(tmp_path / "reread" / "01-sparsify")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_model_mapped_from_its_file_is_not_handed_on(tiny_llama, calib_file, tmp_path, monkeypatch):
+    """A safetensors checkpoint is mapped, not copied: a model handed on would keep every page of the input
+    file any stage touched (the dropped layers' too); the next stage maps the saved output instead."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert memory.maps_a_file(model) and not memory.fits_comfortably(model)
+    for p in model.parameters():
+        p.data = p.data.clone()
+    assert not memory.maps_a_file(model) and memory.fits_comfortably(model)
+
+    calls = _count_loads(monkeypatch)
+    run(load_recipe(_recipe(tmp_path, tiny_llama, calib_file, "off", "mapped")))
+    assert calls == [str(tiny_llama), str(tmp_path / "mapped" / "00-prune")]
 
 
 def test_a_stage_that_cannot_fit_stops_before_any_work(tiny_llama, calib_file, tmp_path, monkeypatch):
