@@ -251,6 +251,48 @@ def claims(arms: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mean_spread(x: dict[str, Any], digits: int = 2) -> str:
+    """``mean (min-max)`` over the seeds, or the one value."""
+    if x.get("mean") is None:
+        return "–"
+    if x.get("n", 1) > 1:
+        return f"{x['mean']:.{digits}f} ({x['min']:.{digits}f}–{x['max']:.{digits}f})"
+    return f"{x['mean']:.{digits}f}"
+
+
+def table(out: dict[str, Any]) -> str:
+    """The README's tables (arms, sweep, claims) from the benchmark's JSON, blank-line separated."""
+    arms, claim = out["arms"], out["claims"]
+    lines = ["| arm | draft | seeds | MAL k=4, GSM8K (min–max) | MAL k=8 | MAL k=4, mixed instructions | "
+             "acceptance at 1-4 (k=8, seed 0) | MACs non-zero | cost c | predicted speedup |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for a, r in arms.items():
+        acc = " ".join(f"{x:.2f}" for x in r["runs"][0]["acceptance_by_position_k8"][:4] if x is not None)
+        lines.append(f"| {a} | {r['name']} | {len(r['runs'])} | {_mean_spread(r['mal_k4'])} | "
+                     f"{_mean_spread(r['mal_k8'])} | {_mean_spread(r['mal_k4_more'])} | {acc} | "
+                     f"{r['macs_nonzero_rel']:.3f} | {r['c']['mean']:.3f} | {_mean_spread(r['predicted_speedup'])} |")
+    sweep = ["| blocks dropped (of 30), no healing | MAL k=4, GSM8K | MAL k=8 | MAL k=4, mixed | MACs non-zero | "
+             "cost c | predicted speedup |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in out["sweep"]:
+        more = f"{r['mal_k4_more']:.2f}" if r["mal_k4_more"] is not None else "–"
+        sweep.append(f"| {r['drop']} | {r['mal_k4']:.2f} | {r['mal_k8']:.2f} | {more} | {r['macs_nonzero_rel']:.3f} | "
+                     f"{r['c']:.3f} | {r['predicted_speedup']:.2f} |")
+    d, c, e = (arms[x]["mal_k4"] for x in "dce")
+    every = "on every seed" if claim.get("sdd_above_sft_every_seed") else "not on every seed"
+    claims_tab = ["| claim (SD², Lasby et al. 2025) | paper | here (mean of the seeds, min–max) |", "|---|---|---|",
+                  f"| SDD draft above SFT draft on MAL | yes | **{'yes' if claim['sdd_above_sft'] else 'no'}**, {every}: "
+                  f"{_mean_spread(d)} against {_mean_spread(c)} at k = 4 ({claim['sdd_minus_sft_mal_k4']:+.2f}) |",
+                  f"| 50%-sparse SDD draft keeps ≥ 0.92× of the dense SDD draft's MAL | −8.36% MAL for −43.87% MACs "
+                  f"(70B target) | **{'yes' if claim['sparse_within_0.92'] else 'no'}**: "
+                  f"{claim['sparse_sdd_over_dense_sdd_mal_k4']:.2f}× ({claim['sparse_sdd_mal_change_pct']:+.1f}% MAL "
+                  f"for {claim['sparse_macs_change_pct']:+.1f}% non-zero MACs; e {_mean_spread(e)}) |"]
+    if "more_prompts_sdd_minus_sft_mal_k4" in claim:
+        claims_tab.append(f"| (not a paper claim) SDD on GSM8K, measured on the mixed instructions | – | SDD − SFT "
+                          f"{claim['more_prompts_sdd_minus_sft_mal_k4']:+.2f}, SDD − untrained b "
+                          f"{claim['more_prompts_sdd_minus_untrained_b']:+.2f} MAL at k = 4 |")
+    return "\n".join(lines) + "\n\n" + "\n".join(sweep) + "\n\n" + "\n".join(claims_tab)
+
+
 def quality(report: dict[str, Any], args, tok, test_file: Path, work: Path) -> dict[str, dict[str, Any]]:
     """GSM8K strict exact match and the perplexity of the target's own answers, per candidate (``--quality``)."""
     from draftkit.checkpoint import load_model_and_tokenizer
@@ -311,7 +353,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "sd2_smollm2_search.json"))
     ap.add_argument("--plot", default=str(RESULTS / "sd2_smollm2_search.png"))
     ap.add_argument("--data", default=str(GSM8K), help="folder with GSM8K train.jsonl and test.jsonl")
+    ap.add_argument("--table", action="store_true", help="print the README's tables from --out and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     os.environ.setdefault("DRAFTKIT_NO_PROGRESS", "1")
     t_start = time.time()
     load_start = os.getloadavg()
