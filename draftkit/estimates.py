@@ -3,8 +3,8 @@
 Each stage is estimated by the hook it registers (:mod:`draftkit.registry`), from the model configs alone (no
 weights are read): the layer-wise stages (prune, sparsify) by the very estimate their command prints
 (:mod:`draftkit.memory`, with the streaming decision of :mod:`draftkit.engine.placement`), distill by its training
-estimate (:mod:`draftkit.distill.estimate`), measuring stages as their model plus the other models their config
-names. Time is the time the same stage took in an earlier run of the same folder when there was one; draftkit does
+estimate (:mod:`draftkit.distill.estimate`), export, spec and merge by the arithmetic their commands print
+(:mod:`draftkit.memory_stages`, on the sizes the configs give), eval as its model plus the baseline it names. Time is the time the same stage took in an earlier run of the same folder when there was one; draftkit does
 not guess otherwise. (Was ``draftkit/plan.py``: "plan" now means only what ``--dry-run`` shows.)
 """
 
@@ -31,6 +31,23 @@ def count_params(hf_config) -> int:
     mlp = 3 * h * inter
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
     return n_layers * (attn + mlp + 2 * h) + vocab * h * (1 if tied else 2) + h
+
+
+def linear_shapes(hf_config) -> list[tuple[int, int]]:
+    """``(out, in)`` of every decoder linear weight (attention, MLP; an MoE's routed experts), from the config."""
+    from draftkit.modeling import text_config
+
+    tc = text_config(hf_config)
+    h = int(getattr(tc, "hidden_size", 0) or 0)
+    heads = int(getattr(tc, "num_attention_heads", 0) or 1)
+    kv = int(getattr(tc, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(tc, "head_dim", 0) or (h // heads if heads else 0))
+    experts = int(getattr(tc, "num_experts", 0) or getattr(tc, "num_local_experts", 0) or 0)
+    inter = int((getattr(tc, "moe_intermediate_size", 0) if experts else 0) or getattr(tc, "intermediate_size", 0)
+                or 4 * h)
+    layer = [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim)]
+    layer += [(inter, h), (inter, h), (h, inter)] * max(1, experts)
+    return layer * int(getattr(tc, "num_hidden_layers", 0) or 0)
 
 
 def _bytes_per_param(hf_config, dtype: str) -> int:
@@ -61,13 +78,6 @@ def weights_and_a_fifth(hf_config, cfg, load, size: int) -> int:
     from draftkit.memory import PROCESS_BYTES
 
     return PROCESS_BYTES + int(1.2 * size)
-
-
-def twice_the_weights(hf_config, cfg, load, size: int) -> int:
-    """A stage that writes a converted copy of the weights (export): the process and the weights twice."""
-    from draftkit.memory import PROCESS_BYTES
-
-    return PROCESS_BYTES + 2 * size
 
 
 def weights_and_other(hf_config, cfg, load, size: int) -> int:

@@ -113,7 +113,7 @@ BUILTIN: tuple[Stage, ...] = (
                "time, with SparseGPT (default), Wanda or magnitude.",
           command=_P + "cli.sparsify:sparsify", references=(("calib.path", "data"),),
           layers=_P + "sparsify.layerwise:sparsify_layers", estimate=_P + "sparsify.layerwise:recipe_estimate",
-          preflight=_P + "preflight:check_calibrated", oom="--chunk-tokens or --samples, or pass --stream on",
+          after=_P + "sparsify.config:config_after", preflight=_P + "preflight:check_calibrated", oom="--chunk-tokens or --samples, or pass --stream on",
           metrics=("method", "pattern", "sparsity", "mean_rel_error"), plots=_P + "report:plot_layer_sparsity"),
     Stage("distill", config=_P + "distill:DistillConfig", run=_P + "distill:distill_model",
           check=_P + "distill:check_distill",
@@ -127,12 +127,12 @@ BUILTIN: tuple[Stage, ...] = (
     Stage("merge", config=_P + "merge:MergeConfig", run=_P + "merge:merge_checkpoints", reads="models",
           help="Merge models tensor by tensor (SLERP, linear, task arithmetic), keeping their sparsity masks.",
           command=_P + "cli.merge:merge", references=(("base", "model"),), computes=False,
-          preflight=_P + "preflight:check_merge",
+          estimate=_P + "merge.runner:recipe_estimate", preflight=_P + "preflight:check_merge",
           metrics=("method", "t", "weights", "sparsity", "layer_sparsity", "tensors_with_different_masks")),
     Stage("export", config=_P + "export:ExportConfig", run=_P + "export:export_stage", save=_P + "export:write_export",
           check=_P + "export:check_export",
           help="Write a sparse (compressed-tensors sparse-bitmask) or dense safetensors checkpoint.",
-          command=_P + "cli.export:export", computes=False, estimate=_P + "estimates:twice_the_weights",
+          command=_P + "cli.export:export", computes=False, estimate=_P + "memory_stages:export_recipe_estimate",
           oom="--max-shard-size", metrics=("format", "bytes_on_disk", "dense_bytes", "ratio_to_dense", "serve.status")),
     Stage("eval", config=_P + "evaluate:EvalConfig", run=_P + "evaluate:eval_stage", save="report",
           check=_P + "evaluate:check_eval",
@@ -150,7 +150,7 @@ BUILTIN: tuple[Stage, ...] = (
                "measured in an engine (--engine), the latency cost model's prediction for every k, and a dynamic k "
                "(--k dynamic).",
           command=_P + "cli.spec:spec", references=(("target", "model"), ("prompts", "data")),
-          estimate=_P + "estimates:weights_and_other", preflight=_P + "preflight:check_spec",
+          estimate=_P + "memory_stages:spec_recipe_estimate", preflight=_P + "preflight:check_spec",
           auto_float32="greedy spec must stay lossless; in bf16 the target's one-token decode and its batched "
                        "verification round differently and broke it on 1 of 8 SmolLM2-135M prompts "
                        "(benchmarks/compute_dtype.py)",

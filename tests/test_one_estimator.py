@@ -4,10 +4,17 @@ estimate its command prints before the heavy work (draftkit.estimates reads each
 from __future__ import annotations
 
 import pytest
+import torch
 
+import draftkit.memory_stages as memory_stages
+from draftkit.checkpoint import load_model_and_tokenizer
 from draftkit.data import CalibConfig
+from draftkit.estimates import count_params
+from draftkit.export import ExportConfig, _state_dict_for_save, sparse_modules
+from draftkit.memory_stages import export_estimate, export_recipe_parts, spec_estimate, spec_recipe_parts
 from draftkit.prune import PruneConfig
 from draftkit.sparsify import SparsifyConfig
+from draftkit.sparsify.config import config_after
 from draftkit.stages import LoadConfig, run_stage
 
 
@@ -29,3 +36,63 @@ def test_dry_run_estimates_what_the_command_prints(stream, tiny_llama, calib_fil
                        out=tmp_path / "s", load=load)
     # the recipe sizes stage 1's input from the config (the pruned folder does not exist yet): within a few percent
     assert dry[1]["estimated_memory_bytes"] == pytest.approx(sparse["memory_estimate_gb"]["host"] * 1e9, rel=0.05)
+
+
+def test_dry_run_estimates_export_and_spec_as_their_commands_print(tiny_llama, calib_file, tmp_path, monkeypatch):
+    """export's and spec's recipe estimates are the arithmetic their commands print (draftkit.memory_stages), from
+    the configs: export writes the layouts at the sparsity the sparsify stage before it asked."""
+    from draftkit.evaluate.spec import SpecConfig
+    from draftkit.pipeline import plan
+    from draftkit.recipe import load_recipe
+
+    spec = {"target": str(tiny_llama), "prompts": str(calib_file), "limit": 2, "repeats": 1, "max_new_tokens": 8}
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"name: one\nmodel: {tiny_llama}\noutput: {tmp_path / 'run'}\nload: {{stream: 'off'}}\n"
+                   f"stages:\n  - sparsify: {{method: magnitude, sparsity: 0.5}}\n  - export: {{}}\n"
+                   f"  - spec: {spec}\n")
+    dry = plan(load_recipe(str(rec)))["stages"]
+    run_stage("sparsify", str(tiny_llama), SparsifyConfig(method="magnitude", sparsity=0.5), out=tmp_path / "s",
+              load=LoadConfig(stream="off"))
+    exported = run_stage("export", str(tmp_path / "s"), ExportConfig(), out=tmp_path / "e")
+    assert exported["compressed_modules"] > 0
+    assert dry[1]["estimated_memory_bytes"] == pytest.approx(exported["memory_estimate_gb"]["host"] * 1e9, abs=6e6)
+    measured = run_stage("spec", str(tmp_path / "s"), SpecConfig(**spec), out=tmp_path / "m")
+    assert dry[2]["estimated_memory_bytes"] == pytest.approx(measured["memory_estimate_gb"]["host"] * 1e9, abs=6e6)
+
+    # part by part (the printed figures are rounded to MB): the recipe's arithmetic on the configs against the
+    # command's on the model in memory
+    model, _ = load_model_and_tokenizer(str(tmp_path / "s"), device="cpu")
+    hf = config_after(model.config, SparsifyConfig(method="magnitude", sparsity=0.5))
+    size = count_params(hf) * 4
+    recipe = export_recipe_parts(hf, ExportConfig(), LoadConfig(), size)
+    command = export_parts = export_estimate(model, _state_dict_for_save(model), list(sparse_modules(model, 0.1)))
+    for part in ("weights", "sparse_layout"):
+        assert recipe.parts[part] == pytest.approx(command.parts[part], rel=0.01), part
+    assert recipe.parts["cast_copy"] == command.parts["cast_copy"] == 0
+    in_bf16 = export_recipe_parts(hf, ExportConfig(dtype="bfloat16"), LoadConfig(), size)
+    assert in_bf16.parts["cast_copy"] == size // 2 and in_bf16.parts["sparse_layout"] < recipe.parts["sparse_layout"]
+    assert export_recipe_parts(model.config, ExportConfig(), LoadConfig(), size).parts["sparse_layout"] == 0
+    recipe = spec_recipe_parts(hf, SpecConfig(**spec), LoadConfig(), size)
+    command = spec_estimate(model, str(tiny_llama), compute=torch.float32, trust_remote_code=False)
+    for part in ("draft", "target", "target_load"):
+        assert recipe.parts[part] == pytest.approx(command.parts[part], rel=0.01), part
+
+    # and --dry-run reads them (without the process's fixed share, the stage's own bytes)
+    monkeypatch.setattr(memory_stages, "PROCESS_BYTES", 0)
+    dry = plan(load_recipe(str(rec)))["stages"]
+    assert dry[1]["estimated_memory_bytes"] == pytest.approx(sum(export_parts.parts.values()), rel=0.01)
+    assert dry[2]["estimated_memory_bytes"] == pytest.approx(sum(command.parts.values()), rel=0.01)
+
+
+def test_dry_run_estimates_a_merge_as_its_command_prints(tiny_llama, tmp_path):
+    from draftkit.merge import MergeConfig, merge_checkpoints
+    from draftkit.pipeline import plan
+    from draftkit.recipe import load_recipe
+
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"name: one\nmodel: {tiny_llama}\noutput: {tmp_path / 'run'}\n"
+                   f"stages:\n  - merge: {{models: ['{tiny_llama}', '{tiny_llama}']}}\n")
+    dry = plan(load_recipe(str(rec)))["stages"]
+    merged = merge_checkpoints([str(tiny_llama)] * 2, MergeConfig(models=[str(tiny_llama)] * 2), out=tmp_path / "m",
+                               load=LoadConfig())
+    assert dry[0]["estimated_memory_bytes"] == pytest.approx(merged["memory_estimate_gb"]["host"] * 1e9, abs=1e6)

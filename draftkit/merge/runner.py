@@ -288,3 +288,11 @@ def _report(cfg: MergeConfig, models: list[str], facts: _Facts, weights: list[fl
         report["base"] = cfg.base
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def recipe_estimate(hf_config, cfg: MergeConfig, load, size: int) -> int:
+    """What :func:`merge_checkpoints` will print for the recipe's models, read as dense (a sparse-bitmask input's
+    largest weight, decompressed whole, is known only from its files: the command adds it)."""
+    from draftkit.memory_stages import merge_estimate
+
+    return merge_estimate(max(2, len(cfg.models) + (1 if cfg.base else 0)), CHUNK_ELEMENTS, 0).host

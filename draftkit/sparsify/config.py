@@ -79,3 +79,13 @@ class SparsifyConfig(BaseModel):
         if nm is not None:
             return nm[0] / nm[1]
         return 0.5 if self.sparsity is None else self.sparsity
+
+
+def config_after(hf_config, cfg: SparsifyConfig):
+    """The model config as the next stage will see it, marked with the sparsity this stage leaves in its decoder
+    linears (``draftkit_sparsity``, for the export estimate of a recipe)."""
+    import copy
+
+    new = copy.deepcopy(hf_config)
+    new.draftkit_sparsity = cfg.target_sparsity
+    return new
