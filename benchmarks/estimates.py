@@ -12,7 +12,9 @@ Parts (every command is its own ``draftkit`` process; peak RSS is its VmHWM, see
    2 layers; merge: two checkpoints of the shape, written with different seeds). Cut where a default would take
    over half an hour on this 2-core machine: sparsify's default calibration (128 x 2048 tokens) to the
    ``--samples`` in the row, spec to 2 prompts and 1 timed pass. export reads a 50%-sparse copy (magnitude), spec
-   drafts with a copy pruned by ``--drop`` (both made unmeasured). The estimate is the ``host`` figure the command prints (``memory_estimate_gb`` in its JSON report).
+   drafts with a copy pruned by ``--drop`` (both made unmeasured), search to one candidate setting (SmolLM2
+   shape: 6 blocks dropped and SFT on 32 rows, at the training defaults; 1B width: 2 dropped, no healing) measured
+   on 2 prompts of 32 tokens. The estimate is the ``host`` figure the command prints (``memory_estimate_gb`` in its JSON report).
    Target: within 25% of the peak.
 2. ``prune-growth``: ``prune --layers 2`` at its default calibration (64 x 1024 tokens) on 1B-wide checkpoints of
    ``--depths`` layers. Target: peak RSS grows by at most 40 MB per added layer.
@@ -91,7 +93,8 @@ def stage_cases(shape: str, ckpt: Path, second: Path, work: Path, data: Path, te
     depend on either). export reads a 50%-sparse copy (magnitude), spec drafts with a copy pruned by ``--drop``:
     both made unmeasured by :func:`inputs`."""
     calib = ["--calib", str(data)]
-    layers = "6" if shape == "smollm2-135m" else "2"
+    small = shape == "smollm2-135m"
+    layers = "6" if small else "2"
     samples = "16" if shape == "smollm2-135m" else "4"  # 1B width: 4 x 2048 keeps SparseGPT to minutes here
     return {
         f"prune --layers {layers} (default calibration 64 x 1024)": ["prune", str(ckpt), "--layers", layers, *calib],
@@ -106,7 +109,17 @@ def stage_cases(shape: str, ckpt: Path, second: Path, work: Path, data: Path, te
         "spec (defaults, a pruned draft; 2 prompts, 1 pass)": ["spec", str(work / "pruned"), "--target", str(ckpt),
                                                                "--prompts", str(data), "--limit", "2", "--repeats", "1"],
         "merge slerp (defaults, two checkpoints)": ["merge", str(ckpt), str(work / "merge-b")],
+        # the 1B width trains no candidate: its fp32 AdamW state beside the target is over the 10 GiB watchdog
+        search_name(shape): ["search", str(ckpt), "--drop", layers, "--healing", "sft" if small else "none",
+                             "--dataset", str(rows), "--prompts", str(data), "--prompt-limit", "2",
+                             "--max-new-tokens", "32", "--speedup-engine", "none", "--calib", str(data)],
     }
+
+
+def search_name(shape: str) -> str:
+    if shape == "smollm2-135m":
+        return "search (drop 6, SFT on 32 rows; 2 prompts of 32 tokens)"
+    return "search (drop 2, no healing; 2 prompts of 32 tokens)"
 
 
 def inputs(shape: str, ckpt: Path, work: Path, tok: Path, names: list[str]) -> None:

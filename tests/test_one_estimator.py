@@ -96,3 +96,28 @@ def test_dry_run_estimates_a_merge_as_its_command_prints(tiny_llama, tmp_path):
     merged = merge_checkpoints([str(tiny_llama)] * 2, MergeConfig(models=[str(tiny_llama)] * 2), out=tmp_path / "m",
                                load=LoadConfig())
     assert dry[0]["estimated_memory_bytes"] == pytest.approx(merged["memory_estimate_gb"]["host"] * 1e9, abs=1e6)
+
+
+def test_search_estimate_is_the_target_and_its_largest_step_by_that_steps_own_estimate(tiny_llama, calib_file):
+    """A search holds the target all along; beside it runs one step at a time, each estimated by its own stage's
+    registered estimate (the one its command prints), resident: the largest sets the search's estimate."""
+    from draftkit.checkpoint import load_config
+    from draftkit.distill.estimate import recipe_estimate as distill_estimate
+    from draftkit.memory import PROCESS_BYTES, checkpoint_bytes
+    from draftkit.prune.layerwise import recipe_estimate as prune_estimate
+    from draftkit.search import SearchConfig, recipe_estimate
+    from draftkit.search.grid import plan
+
+    hf, size, load = load_config(str(tiny_llama)), checkpoint_bytes(str(tiny_llama)), LoadConfig(stream="on")
+    data = {"dataset": str(calib_file), "prompts": str(calib_file), "calib": {"path": str(calib_file)}}
+    for batch in (2, 64):
+        cfg = SearchConfig(drop=[1], healing=["sft"], train_batch_size=batch, **data)
+        steps, _ = plan(cfg, target="t", rows="r.jsonl")
+        heal = next(s.config for s in steps.values() if s.stage == "distill")
+        prune = next(s.config for s in steps.values() if s.stage == "prune")
+        train = distill_estimate(hf, heal, load, size) - PROCESS_BYTES
+        pruning = prune_estimate(hf, prune, LoadConfig(stream="off"), size) - PROCESS_BYTES
+        assert recipe_estimate(hf, cfg, load, size) == PROCESS_BYTES + size + max(train, pruning, 2 * size), batch
+    assert train > 2 * size  # at 64 sequences the training is the largest step
+    measured_only = SearchConfig(drop=[0], healing=["none"], **data)
+    assert recipe_estimate(hf, measured_only, load, size) == PROCESS_BYTES + 3 * size  # the target, a draft, casts

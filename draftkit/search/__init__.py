@@ -27,29 +27,30 @@ def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, An
     """Stage function: the loaded model is the target; the report lists every candidate."""
     from draftkit.search.runner import run_search
 
-    estimate = announce_estimate(model)
+    estimate = announce_estimate(model, cfg)
     name = cfg._draft_dir or getattr(model, "name_or_path", None) or "target"
     report = run_search(model, tokenizer, cfg, target_name=name)
-    report["memory_estimate_gb"] = round(estimate / 2**30, 3)
+    where = "host" if next(model.parameters()).device.type == "cpu" else "device"
+    report["memory_estimate_gb"] = {where: round(estimate / 1e9, 3)}
     return model, report
 
 
-def announce_estimate(model) -> int:
-    """Print the search's memory estimate (:func:`recipe_estimate` of the loaded target) before its heavy work, and
-    warn when it is above what the machine has free."""
+def announce_estimate(model, cfg: SearchConfig) -> int:
+    """Print the search's memory estimate (:func:`recipe_estimate` for the loaded target) before its heavy work,
+    and warn when it is above what the machine has free."""
     from draftkit import console
     from draftkit.memory import available_device_bytes, available_host_bytes
+    from draftkit.stages import LoadConfig
 
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    params = sum(p.numel() for p in model.parameters())
-    estimate = int(size + max(params * 16, size) + 0.2 * size)
     device = next(model.parameters()).device
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    estimate = recipe_estimate(model.config, cfg, LoadConfig(device=str(device)), size)
     free = available_device_bytes(device) or available_host_bytes()
     where = "host" if device.type == "cpu" else str(device)
-    console.info(f"memory estimate: {where} {estimate / 2**30:.2f} GB (the target, and one draft in training or a "
-                 f"second copy of the target regenerating); {free / 2**30:.1f} GB free")
+    console.info(f"memory estimate: {where} {estimate / 1e9:.2f} GB (the target, and beside it the largest step: "
+                 f"a prune, a sparsify, a training, the regeneration or a measurement); {free / 1e9:.1f} GB free")
     if estimate > free:
-        console.warn(f"the search may not fit: it needs about {estimate / 2**30:.1f} GB and {free / 2**30:.1f} GB are "
+        console.warn(f"the search may not fit: it needs about {estimate / 1e9:.1f} GB and {free / 1e9:.1f} GB are "
                      "free; lower --train-batch-size or --max-length, or run it on a larger machine")
     return estimate
 
@@ -90,12 +91,24 @@ def check_search(hf_config, cfg: SearchConfig) -> None:
 
 
 def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int) -> int:
-    """Peak memory of a search (the registry's estimate): the target's weights, and beside them one draft in
-    training (float32 master weights, gradients and AdamW moments, at most the target's size) or a second copy of
-    the target regenerating."""
-    from draftkit.estimates import count_params
+    """Peak memory of a search (the registry's estimate, and the one it prints): the process, the target
+    (``size`` bytes, held all along), and beside it the largest of its steps, each by the estimate its own stage
+    registers less the process (a prune or sparsify on a copy of the target, resident; a training), or the
+    regeneration (a second copy of the target) or a measurement (a draft of at most the target's size, and the
+    two cast to the measurement's compute dtype). Sized on the target's config: an upper bound for the steps
+    that work on a pruned model."""
+    from draftkit.memory import PROCESS_BYTES
+    from draftkit.registry import stage as registered
+    from draftkit.search.grid import REGEN, plan
 
-    return int(size + max(count_params(hf_config) * 16, size) + 0.2 * size)
+    steps, _ = plan(cfg, target="target", rows="rows.jsonl")
+    resident = load.model_copy(update={"stream": "off"})  # a step works on a model in memory
+    beside = 2 * size  # a measurement; the regeneration holds one copy of the target, less
+    for step in steps.values():
+        entry = registered(step.stage)
+        if step.id != REGEN and entry is not None and entry.estimate is not None:
+            beside = max(beside, entry.estimate(hf_config, step.config, resident, size) - PROCESS_BYTES)
+    return PROCESS_BYTES + size + beside
 
 
 def preflight(c, where: str, recipe, step, hf_config) -> None:

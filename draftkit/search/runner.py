@@ -18,6 +18,7 @@ from typing import Any
 
 from draftkit import console
 from draftkit.atomic import atomic_write_json
+from draftkit.memory import collect_released_models
 from draftkit.search.config import SearchConfig
 from draftkit.search.grid import REGEN, TARGET, Candidate, frontier, mine, plan
 from draftkit.search.procs import Procs, spread, step_lock
@@ -143,6 +144,7 @@ class Search:
             if not reuse:
                 console.info(f"[bold]search[/bold]: {sid} ({why})")
                 self.ledger.record(sid, step.stage, fp, parts, lambda: self.build(step, out))
+                collect_released_models()  # the step's model and optimizer: freed before the next step
         self.ready.add(sid)
         return out
 
@@ -231,7 +233,10 @@ class Search:
         if reuse:
             return self.ledger.get(key)["report"]
         console.info(f"[bold]search[/bold]: measuring {cand.name} ({why})")
-        return self.ledger.record(key, "spec", fp, parts, lambda: self._measure(cand, path))
+        try:
+            return self.ledger.record(key, "spec", fp, parts, lambda: self._measure(cand, path))
+        finally:
+            collect_released_models()  # the draft and its casts
 
     def _existing(self, path: str | None) -> Path:
         """The folder whose presence a measurement's reuse needs: the draft's, or the work folder for the target
