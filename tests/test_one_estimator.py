@@ -121,3 +121,28 @@ def test_search_estimate_is_the_target_and_its_largest_step_by_that_steps_own_es
     assert train > 2 * size  # at 64 sequences the training is the largest step
     measured_only = SearchConfig(drop=[0], healing=["none"], **data)
     assert recipe_estimate(hf, measured_only, load, size) == PROCESS_BYTES + 3 * size  # the target, a draft, casts
+
+
+def test_search_prints_its_estimate_with_the_longest_row_its_trainings_pad_to(tiny_llama, calib_file):
+    """The printed search estimate sizes the trainings by the data (micro-batches pad to their longest row), as
+    the distill command does; a recipe's (no data at hand) assumes max_length."""
+    from draftkit.checkpoint import load_config, load_tokenizer
+    from draftkit.distill.loss import tokenize_example
+    from draftkit.distill.rows import load_examples
+    from draftkit.memory import checkpoint_bytes
+    from draftkit.search import SearchConfig, longest_training_row, recipe_estimate
+    from draftkit.search.grid import heal_config
+
+    tok = load_tokenizer(str(tiny_llama))
+    data = {"dataset": str(calib_file), "prompts": str(calib_file), "rows": 8, "max_length": 4096}
+    sft = SearchConfig(drop=[1], healing=["sft"], **data)
+    rows = [len(tokenize_example(tok, e.prompt, e.reference, 4096)["input_ids"])
+            for e in load_examples(heal_config(sft, "sft", 0, target="t", rows=None))]
+    assert longest_training_row(sft, tok) == max(rows) < 4096
+    assert longest_training_row(sft.model_copy(update={"max_length": 16}), tok) == 16
+    sdd = SearchConfig(drop=[1], healing=["sdd"], regen_max_new_tokens=100, **data)
+    assert longest_training_row(sdd, tok) > 100
+    assert longest_training_row(SearchConfig(drop=[1], healing=["none"], **data), tok) is None
+    hf, size, load = load_config(str(tiny_llama)), checkpoint_bytes(str(tiny_llama)), LoadConfig()
+    big = sft.model_copy(update={"train_batch_size": 256})
+    assert recipe_estimate(hf, big, load, size, longest=max(rows)) < recipe_estimate(hf, big, load, size)

@@ -27,7 +27,7 @@ def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, An
     """Stage function: the loaded model is the target; the report lists every candidate."""
     from draftkit.search.runner import run_search
 
-    estimate = announce_estimate(model, cfg)
+    estimate = announce_estimate(model, tokenizer, cfg)
     name = cfg._draft_dir or getattr(model, "name_or_path", None) or "target"
     report = run_search(model, tokenizer, cfg, target_name=name)
     where = "host" if next(model.parameters()).device.type == "cpu" else "device"
@@ -35,7 +35,7 @@ def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, An
     return model, report
 
 
-def announce_estimate(model, cfg: SearchConfig) -> int:
+def announce_estimate(model, tokenizer, cfg: SearchConfig) -> int:
     """Print the search's memory estimate (:func:`recipe_estimate` for the loaded target) before its heavy work,
     and warn when it is above what the machine has free."""
     from draftkit import console
@@ -44,7 +44,8 @@ def announce_estimate(model, cfg: SearchConfig) -> int:
 
     device = next(model.parameters()).device
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    estimate = recipe_estimate(model.config, cfg, LoadConfig(device=str(device)), size)
+    estimate = recipe_estimate(model.config, cfg, LoadConfig(device=str(device)), size,
+                               longest=longest_training_row(cfg, tokenizer))
     free = available_device_bytes(device) or available_host_bytes()
     where = "host" if device.type == "cpu" else str(device)
     console.info(f"memory estimate: {where} {estimate / 1e9:.2f} GB (the target, and beside it the largest step: "
@@ -90,13 +91,33 @@ def check_search(hf_config, cfg: SearchConfig) -> None:
         check_vllm()
 
 
-def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int) -> int:
+def longest_training_row(cfg: SearchConfig, tokenizer) -> int | None:
+    """Tokens of the longest sequence a healed candidate trains on, as the training tokenizes it (it pads each
+    micro-batch to its longest row): an SFT row; an SDD row is its prompt and at most ``regen_max_new_tokens`` of
+    the target's answer. None when nothing trains."""
+    from draftkit.distill import DistillConfig
+    from draftkit.distill.loss import tokenize_example
+    from draftkit.distill.rows import load_examples
+
+    healing = {h for _, _, h in cfg.grid()}
+    if not healing & {"sft", "sdd"} or cfg.dataset is None:
+        return None
+    longest = 0
+    for e in load_examples(DistillConfig(dataset=cfg.dataset, limit=cfg.rows, regenerate=False)):
+        sft = len(tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length)["input_ids"]) if "sft" in healing else 0
+        sdd = len(tokenize_example(tokenizer, e.prompt, "", cfg.max_length)["input_ids"]) + cfg.regen_max_new_tokens
+        longest = max(longest, sft, sdd if "sdd" in healing else 0)
+    return min(longest, cfg.max_length)
+
+
+def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int, *, longest: int | None = None) -> int:
     """Peak memory of a search (the registry's estimate, and the one it prints): the process, the target
     (``size`` bytes, held all along), and beside it the largest of its steps, each by the estimate its own stage
     registers less the process (a prune or sparsify on a copy of the target, resident; a training), or the
     regeneration (a second copy of the target) or a measurement (a draft of at most the target's size, and the
     two cast to the measurement's compute dtype). Sized on the target's config: an upper bound for the steps
-    that work on a pruned model."""
+    that work on a pruned model. ``longest``: the longest training row in tokens (:func:`longest_training_row`,
+    when the data is at hand; a recipe's estimate assumes ``max_length``)."""
     from draftkit.memory import PROCESS_BYTES
     from draftkit.registry import stage as registered
     from draftkit.search.grid import REGEN, plan
@@ -107,7 +128,10 @@ def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int) -> int:
     for step in steps.values():
         entry = registered(step.stage)
         if step.id != REGEN and entry is not None and entry.estimate is not None:
-            beside = max(beside, entry.estimate(hf_config, step.config, resident, size) - PROCESS_BYTES)
+            config = step.config
+            if longest is not None and step.stage == "distill":  # micro-batches padded to their longest row
+                config = config.model_copy(update={"max_length": min(config.max_length, longest)})
+            beside = max(beside, entry.estimate(hf_config, config, resident, size) - PROCESS_BYTES)
     return PROCESS_BYTES + size + beside
 
 
