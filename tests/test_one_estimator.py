@@ -103,24 +103,35 @@ def test_search_estimate_is_the_target_and_its_largest_step_by_that_steps_own_es
     registered estimate (the one its command prints), resident: the largest sets the search's estimate."""
     from draftkit.checkpoint import load_config
     from draftkit.distill.estimate import recipe_estimate as distill_estimate
+    from draftkit.estimates import count_params
     from draftkit.memory import PROCESS_BYTES, checkpoint_bytes
+    from draftkit.prune.config import config_after as pruned
     from draftkit.prune.layerwise import recipe_estimate as prune_estimate
     from draftkit.search import SearchConfig, recipe_estimate
+    from draftkit.search.estimate import measurement_bytes
     from draftkit.search.grid import plan
 
     hf, size, load = load_config(str(tiny_llama)), checkpoint_bytes(str(tiny_llama)), LoadConfig(stream="on")
     data = {"dataset": str(calib_file), "prompts": str(calib_file), "calib": {"path": str(calib_file)}}
     for batch in (2, 64):
         cfg = SearchConfig(drop=[1], healing=["sft"], train_batch_size=batch, **data)
-        steps, _ = plan(cfg, target="t", rows="r.jsonl")
+        steps, cands = plan(cfg, target="t", rows="r.jsonl")
         heal = next(s.config for s in steps.values() if s.stage == "distill")
         prune = next(s.config for s in steps.values() if s.stage == "prune")
         train = distill_estimate(hf, heal, load, size) - PROCESS_BYTES
         pruning = prune_estimate(hf, prune, LoadConfig(stream="off"), size) - PROCESS_BYTES
-        assert recipe_estimate(hf, cfg, load, size) == PROCESS_BYTES + size + max(train, pruning, 2 * size), batch
-    assert train > 2 * size  # at 64 sequences the training is the largest step
-    measured_only = SearchConfig(drop=[0], healing=["none"], **data)
-    assert recipe_estimate(hf, measured_only, load, size) == PROCESS_BYTES + 3 * size  # the target, a draft, casts
+        measuring = measurement_bytes(hf, cands, load, size)
+        assert recipe_estimate(hf, cfg, load, size) == PROCESS_BYTES + size + max(train, pruning, measuring), batch
+    assert train > max(pruning, measuring)  # at 64 sequences the training is the largest step
+
+    # a measurement: the draft (one block fewer) in float32 as stored, and when spec computes in bf16 the target's
+    # and the draft's bf16 casts beside them; the target drafting for itself adds only its cast
+    params, draft = count_params(hf), count_params(pruned(hf, PruneConfig(layers=1)))
+    assert measuring == draft * 4 < size
+    assert measurement_bytes(hf, cands, LoadConfig(compute="bfloat16"), size) == draft * 4 + (params + draft) * 2
+    itself = plan(SearchConfig(drop=[0], healing=["none"], **data), target="t", rows="r.jsonl")[1]
+    assert measurement_bytes(hf, itself, LoadConfig(compute="bfloat16"), size) == params * 2
+    assert measurement_bytes(hf, itself, load, size) == 0
 
 
 def test_search_prints_its_estimate_with_the_longest_row_its_trainings_pad_to(tiny_llama, calib_file):

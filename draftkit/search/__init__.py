@@ -19,8 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from draftkit.search.config import SearchConfig
+from draftkit.search.estimate import longest_training_row, recipe_estimate
 
-__all__ = ["SearchConfig", "check_search", "preflight", "recipe_estimate", "search_stage", "write_search"]
+__all__ = ["SearchConfig", "check_search", "longest_training_row", "preflight", "recipe_estimate", "search_stage",
+           "write_search"]
 
 
 def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, Any]]:
@@ -89,50 +91,6 @@ def check_search(hf_config, cfg: SearchConfig) -> None:
         from draftkit.distill import check_vllm
 
         check_vllm()
-
-
-def longest_training_row(cfg: SearchConfig, tokenizer) -> int | None:
-    """Tokens of the longest sequence a healed candidate trains on, as the training tokenizes it (it pads each
-    micro-batch to its longest row): an SFT row; an SDD row is its prompt and at most ``regen_max_new_tokens`` of
-    the target's answer. None when nothing trains."""
-    from draftkit.distill import DistillConfig
-    from draftkit.distill.loss import tokenize_example
-    from draftkit.distill.rows import load_examples
-
-    healing = {h for _, _, h in cfg.grid()}
-    if not healing & {"sft", "sdd"} or cfg.dataset is None:
-        return None
-    longest = 0
-    for e in load_examples(DistillConfig(dataset=cfg.dataset, limit=cfg.rows, regenerate=False)):
-        sft = len(tokenize_example(tokenizer, e.prompt, e.reference, cfg.max_length)["input_ids"]) if "sft" in healing else 0
-        sdd = len(tokenize_example(tokenizer, e.prompt, "", cfg.max_length)["input_ids"]) + cfg.regen_max_new_tokens
-        longest = max(longest, sft, sdd if "sdd" in healing else 0)
-    return min(longest, cfg.max_length)
-
-
-def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int, *, longest: int | None = None) -> int:
-    """Peak memory of a search (the registry's estimate, and the one it prints): the process, the target
-    (``size`` bytes, held all along), and beside it the largest of its steps, each by the estimate its own stage
-    registers less the process (a prune or sparsify on a copy of the target, resident; a training), or the
-    regeneration (a second copy of the target) or a measurement (a draft of at most the target's size, and the
-    two cast to the measurement's compute dtype). Sized on the target's config: an upper bound for the steps
-    that work on a pruned model. ``longest``: the longest training row in tokens (:func:`longest_training_row`,
-    when the data is at hand; a recipe's estimate assumes ``max_length``)."""
-    from draftkit.memory import PROCESS_BYTES
-    from draftkit.registry import stage as registered
-    from draftkit.search.grid import REGEN, plan
-
-    steps, _ = plan(cfg, target="target", rows="rows.jsonl")
-    resident = load.model_copy(update={"stream": "off"})  # a step works on a model in memory
-    beside = 2 * size  # a measurement; the regeneration holds one copy of the target, less
-    for step in steps.values():
-        entry = registered(step.stage)
-        if step.id != REGEN and entry is not None and entry.estimate is not None:
-            config = step.config
-            if longest is not None and step.stage == "distill":  # micro-batches padded to their longest row
-                config = config.model_copy(update={"max_length": min(config.max_length, longest)})
-            beside = max(beside, entry.estimate(hf_config, config, resident, size) - PROCESS_BYTES)
-    return PROCESS_BYTES + size + beside
 
 
 def preflight(c, where: str, recipe, step, hf_config) -> None:
