@@ -44,7 +44,7 @@ def recipe_estimate(hf_config, cfg: SearchConfig, load, size: int, *, longest: i
         entry = registered(step.stage)
         if step.id != REGEN and entry is not None and entry.estimate is not None:
             config = step.config
-            if longest is not None and step.stage == "distill":  # micro-batches padded to their longest row
+            if longest is not None and "max_length" in type(config).model_fields:  # a training: padded to its longest row
                 config = config.model_copy(update={"max_length": min(config.max_length, longest)})
             beside = max(beside, entry.estimate(hf_config, config, resident, size) - PROCESS_BYTES)
     return PROCESS_BYTES + size + beside
