@@ -73,3 +73,18 @@ def test_readme_llmcompressor_table_is_the_benchmarks_own_table():
     for table in module.table(data).split("\n\n"):
         assert table in section
     assert data["comparison"]["repeats"] == 3 and len(data["comparison"]["draws"]["llm-compressor"]["perplexity"]) == 3
+
+
+def test_readme_sd2_search_tables_are_the_benchmarks_own_tables():
+    """The SD² search at the issue's sizes: the README's arms, sweep and claims tables are what the benchmark's
+    table() prints from the committed JSON, which holds three seeds of every trained arm, 100 GSM8K prompts,
+    400 regenerated rows and the second prompt set."""
+    module = load_benchmark("sd2_smollm2")
+    data = json.loads((ROOT / "benchmarks" / "results" / "sd2_smollm2_search.json").read_text())
+    section = readme_section("### SD² at the issue's sizes")
+    for table in module.table(data).split("\n\n"):
+        assert table in section
+    s = data["settings"]
+    assert s["rows"] >= 400 and s["prompts"] >= 100 and len(s["seeds"]) >= 3 and s["more_prompts"]
+    assert all(len(data["arms"][a]["runs"]) == len(s["seeds"]) for a in "cdef")
+    assert data["arms"]["a"]["mal_k4"]["mean"] == 5 and data["arms"]["a"]["mal_k8"]["mean"] == 9
