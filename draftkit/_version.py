@@ -1,3 +1,3 @@
 """The package version (a leaf module, so anything may import it without importing draftkit's API)."""
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
