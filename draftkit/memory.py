@@ -349,8 +349,8 @@ def share_one_heap() -> None:
 
 
 def collect_released_models() -> None:
-    """Free a model nothing refers to any more (transformers' modules hold reference cycles, which only the
-    cycle collector frees) and hand its pages back to the OS."""
+    """Free a model nothing refers to any more, also when reference cycles hold it (a training's optimizer, hooks
+    and closures can; only the cycle collector frees those), and hand its pages back to the OS."""
     import gc
 
     gc.collect()
