@@ -15,22 +15,30 @@ from typing import Any
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def _layer_linears(tc, *, experts: bool) -> list[tuple[int, int]]:
+    """``(out, in)`` of one decoder layer's linear weights (attention, then MLP; with ``experts`` an MoE's routed
+    experts at their own width), from a text config."""
+    h = int(getattr(tc, "hidden_size", 0) or 0)
+    heads = int(getattr(tc, "num_attention_heads", 0) or 1)
+    kv = int(getattr(tc, "num_key_value_heads", 0) or heads)
+    head_dim = int(getattr(tc, "head_dim", 0) or (h // heads if heads else 0))
+    n = int(getattr(tc, "num_experts", 0) or getattr(tc, "num_local_experts", 0) or 0) if experts else 0
+    inter = int((getattr(tc, "moe_intermediate_size", 0) if n else 0) or getattr(tc, "intermediate_size", 0) or 4 * h)
+    return [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim),
+            *[(inter, h), (inter, h), (h, inter)] * max(1, n)]
+
+
 def count_params(hf_config) -> int:
-    """Parameters of a decoder-only transformer, from its config."""
+    """Parameters of a decoder-only transformer, from its config (an MoE counted as its dense width)."""
     from draftkit.modeling import text_config
 
     tc = text_config(hf_config)
     h = int(getattr(tc, "hidden_size", 0) or 0)
     n_layers = int(getattr(tc, "num_hidden_layers", 0) or 0)
-    inter = int(getattr(tc, "intermediate_size", 0) or 4 * h)
     vocab = int(getattr(tc, "vocab_size", 0) or 0)
-    heads = int(getattr(tc, "num_attention_heads", 0) or 1)
-    kv = int(getattr(tc, "num_key_value_heads", 0) or heads)
-    head_dim = int(getattr(tc, "head_dim", 0) or (h // heads if heads else 0))
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    mlp = 3 * h * inter
+    linears = sum(o * i for o, i in _layer_linears(tc, experts=False))
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    return n_layers * (attn + mlp + 2 * h) + vocab * h * (1 if tied else 2) + h
+    return n_layers * (linears + 2 * h) + vocab * h * (1 if tied else 2) + h
 
 
 def linear_shapes(hf_config) -> list[tuple[int, int]]:
@@ -38,16 +46,7 @@ def linear_shapes(hf_config) -> list[tuple[int, int]]:
     from draftkit.modeling import text_config
 
     tc = text_config(hf_config)
-    h = int(getattr(tc, "hidden_size", 0) or 0)
-    heads = int(getattr(tc, "num_attention_heads", 0) or 1)
-    kv = int(getattr(tc, "num_key_value_heads", 0) or heads)
-    head_dim = int(getattr(tc, "head_dim", 0) or (h // heads if heads else 0))
-    experts = int(getattr(tc, "num_experts", 0) or getattr(tc, "num_local_experts", 0) or 0)
-    inter = int((getattr(tc, "moe_intermediate_size", 0) if experts else 0) or getattr(tc, "intermediate_size", 0)
-                or 4 * h)
-    layer = [(heads * head_dim, h), (kv * head_dim, h), (kv * head_dim, h), (h, heads * head_dim)]
-    layer += [(inter, h), (inter, h), (h, inter)] * max(1, experts)
-    return layer * int(getattr(tc, "num_hidden_layers", 0) or 0)
+    return _layer_linears(tc, experts=True) * int(getattr(tc, "num_hidden_layers", 0) or 0)
 
 
 def _bytes_per_param(hf_config, dtype: str) -> int:

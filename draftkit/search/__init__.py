@@ -32,21 +32,20 @@ def search_stage(model, tokenizer, cfg: SearchConfig) -> tuple[Any, dict[str, An
     estimate = announce_estimate(model, tokenizer, cfg)
     name = cfg._draft_dir or getattr(model, "name_or_path", None) or "target"
     report = run_search(model, tokenizer, cfg, target_name=name)
-    where = "host" if next(model.parameters()).device.type == "cpu" else "device"
-    report["memory_estimate_gb"] = {where: round(estimate / 1e9, 3)}
+    report["memory_estimate_gb"] = estimate
     return model, report
 
 
-def announce_estimate(model, tokenizer, cfg: SearchConfig) -> int:
+def announce_estimate(model, tokenizer, cfg: SearchConfig) -> dict[str, float]:
     """Print the search's memory estimate (:func:`recipe_estimate` for the loaded target) before its heavy work,
-    and warn when it is above what the machine has free."""
+    and warn when it is above what the machine has free; the report's entry (GB, ``host`` or ``device``)."""
     from draftkit import console
     from draftkit.memory import available_device_bytes, available_host_bytes
+    from draftkit.memory_stages import model_bytes
     from draftkit.stages import LoadConfig
 
     device = next(model.parameters()).device
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    estimate = recipe_estimate(model.config, cfg, LoadConfig(device=str(device)), size,
+    estimate = recipe_estimate(model.config, cfg, LoadConfig(device=str(device)), model_bytes(model),
                                longest=longest_training_row(cfg, tokenizer))
     free = available_device_bytes(device) or available_host_bytes()
     where = "host" if device.type == "cpu" else str(device)
@@ -55,7 +54,7 @@ def announce_estimate(model, tokenizer, cfg: SearchConfig) -> int:
     if estimate > free:
         console.warn(f"the search may not fit: it needs about {estimate / 1e9:.1f} GB and {free / 1e9:.1f} GB are "
                      "free; lower --train-batch-size or --max-length, or run it on a larger machine")
-    return estimate
+    return {"host" if device.type == "cpu" else "device": round(estimate / 1e9, 3)}
 
 
 def write_search(model, tokenizer, out, provenance, cfg, overwrite) -> dict[str, Any]:

@@ -67,11 +67,9 @@ def measurement_bytes(hf_config, cands, load, size: int) -> int:
     cast = compute if compute != stored else 0  # bytes per parameter of a cast copy
     most = params * cast
     for c in cands:
-        if c.base is not None:  # another model: sized as the target
-            draft = params
-        elif c.drop or c.steps:
-            draft = count_params(config_after(hf_config, PruneConfig(layers=c.drop))) if c.drop else params
-        else:
+        if c.base is None and not c.steps:
             continue  # the target itself
+        # another base is sized as the target
+        draft = count_params(config_after(hf_config, PruneConfig(layers=c.drop))) if c.base is None and c.drop else params
         most = max(most, draft * stored + (params + draft) * cast)
     return most
